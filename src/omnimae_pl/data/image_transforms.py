@@ -1,0 +1,153 @@
+"""Image transforms for pretraining and evaluation, whose random draws come from an explicit generator.
+
+A transform maps an opened (not yet decoded) PIL image and a ``torch.Generator`` to a normalised float tensor
+(3, size, size). Taking the generator as an argument keeps every draw a function of (seed, epoch, index), and
+taking the image before decoding lets JPEGs be decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``) whenever the
+region that survives the crop is still at least the output size, which is most of the decode time saved on
+large photos. Crop boxes are drawn on the full image size, so they do not depend on that shortcut.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
+
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+
+# (x / 255 - mean) / std  ==  x * _SCALE - _SHIFT, one multiply and one subtract per pixel.
+_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(3, 1, 1)
+_SHIFT = (torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
+
+Box = tuple[int, int, int, int]  # top, left, height, width
+
+
+class ImageTransform(Protocol):
+    """What the image datasets call: (opened PIL image, generator) -> normalised (3, H, W) float tensor."""
+
+    size: int
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor: ...
+
+
+def normalise(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, H, W) normalised with the ImageNet mean and std."""
+    return F.pil_to_tensor(image).float().mul_(_SCALE).sub_(_SHIFT)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Greyscale, CMYK, palette and alpha images all become 3-channel RGB."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    attempts: int = 10,
+) -> Box:
+    """A box covering a random fraction ``scale`` of the area with a random aspect ratio (log-uniform in
+    ``ratio``); after ``attempts`` boxes that do not fit, the largest centred box within ``ratio``."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draft_for_box(image: Image.Image, box: Box, out_height: int, out_width: int) -> tuple[Image.Image, Box]:
+    """Ask a JPEG decoder for the smallest 1/2^k scale at which ``box`` still covers the output size;
+    return the image and the box in the decoded image's coordinates (a no-op for other formats)."""
+    top, left, h, w = box
+    full_w, full_h = image.size
+    wanted = (math.ceil(full_w * out_width / w), math.ceil(full_h * out_height / h))
+    drafted = image.draft(None, wanted) if image.format == "JPEG" else None
+    if drafted is None:
+        return image, box
+    factor = drafted[1][2] / full_w  # 1 / (the decoder's reduction)
+    if factor == 1.0:
+        return image, box
+    return image, (
+        int(top * factor),
+        int(left * factor),
+        max(1, round(h * factor)),
+        max(1, round(w * factor)),
+    )
+
+
+@dataclass(frozen=True)
+class RandomResizedCropFlip:
+    """Pretraining: RandomResizedCrop(size, scale, ratio) then a horizontal flip with ``hflip_prob``, then
+    normalise. The OmniMAE IN1K recipe is the default: size 224, scale (0.2, 1), bicubic, flip 0.5."""
+
+    size: int = 224
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_prob: float = 0.5
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        _check_interpolation(self.interpolation)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        width, height = image.size
+        box = random_resized_crop_box(height, width, self.scale, self.ratio, generator)
+        flip = bool(torch.rand((), generator=generator) < self.hflip_prob)
+        image, (top, left, h, w) = draft_for_box(image, box, self.size, self.size)
+        image = F.resized_crop(
+            to_rgb(image), top, left, h, w, [self.size, self.size], INTERPOLATIONS[self.interpolation]
+        )
+        if flip:
+            image = F.horizontal_flip(image)
+        return normalise(image)
+
+
+@dataclass(frozen=True)
+class ResizeCenterCrop:
+    """Evaluation: resize the short side to ``size / crop_ratio``, then a centred ``size`` square.
+    ``crop_ratio=1.0`` (OmniMAE's IN1K evaluation) keeps the whole short side; 0.875 is the classic 256 -> 224."""
+
+    size: int = 224
+    crop_ratio: float = 1.0
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        _check_interpolation(self.interpolation)
+        if not 0.0 < self.crop_ratio <= 1.0:
+            raise ValueError(f"crop_ratio must be in (0, 1], got {self.crop_ratio}")
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        short = int(self.size / self.crop_ratio)
+        width, height = image.size
+        image, _ = draft_for_box(image, (0, 0, height, width), short, short)
+        image = F.resize(to_rgb(image), [short], INTERPOLATIONS[self.interpolation])
+        return normalise(F.center_crop(image, [self.size, self.size]))
+
+
+def _check_interpolation(name: str) -> None:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {name!r}; choose one of {sorted(INTERPOLATIONS)}")

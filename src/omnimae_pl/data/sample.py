@@ -1,0 +1,36 @@
+"""The sample and batch contract between datasets, the interleaver and the LightningModules.
+
+A dataset item is a dict (or, for replicated video, a list of such dicts, one per replica):
+
+    input   float32 (3, H, W) image or (3, T, H, W) clip, normalised with ImageNet mean / std
+    mask    bool (T', H', W') token mask, True = masked (images: T' = 1); absent for fine-tuning
+    label   int64 scalar class index, -1 when the source has no labels
+    valid   bool scalar, False for a placeholder that stands in for a file that could not be read
+    index   int64 scalar, the sample's index in its dataset (replicas share it)
+
+A collated batch has the same keys with a leading batch axis, plus
+
+    modality  "image" or "video" (str): every batch holds a single modality
+    source    the name of the dataset it came from (str)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SAMPLE_KEYS", "collate_samples"]
+
+SAMPLE_KEYS = ("input", "mask", "label", "valid", "index")
+
+
+def collate_samples(items: list, modality: str, source: str) -> dict:
+    """Stack samples into a batch; a list item (replicas of one clip) is flattened in place."""
+    flat: list[dict] = []
+    for item in items:
+        flat.extend(item if isinstance(item, list) else [item])
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in flat]) for k in SAMPLE_KEYS if k in flat[0]}
+    batch["modality"] = modality
+    batch["source"] = source
+    return batch

@@ -1,0 +1,101 @@
+"""Fixed-count token masks, made per sample in the data pipeline (True = masked, hidden from the encoder).
+
+Every sample of a given modality masks exactly the same number of tokens, so the encoder can gather the
+visible tokens into a dense (B, N_vis, D) tensor with no padding, and compiled graphs see one static shape
+per modality. Shared by ``omnimae_pl.data`` (which makes masks) and ``omnimae_pl.models`` (which consumes them),
+so it imports neither.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MASK_TYPES = ("random", "tube", "frame", "causal")
+Grid = tuple[int, int, int]
+
+
+def token_grid(
+    shape: tuple[int, ...], patch_size: tuple[int, int, int]
+) -> Grid:
+    """Token grid (T', H', W') of an input of shape (C, H, W) or (C, T, H, W); images are 2-frame clips."""
+    pt, ph, pw = patch_size
+    if len(shape) == 3:
+        t = pt  # an image is repeated to fill one tubelet
+        h, w = shape[1:]
+    elif len(shape) == 4:
+        t, h, w = shape[1:]
+    else:
+        raise ValueError(f"expected (C, H, W) or (C, T, H, W), got shape {tuple(shape)}")
+    return max(t // pt, 1), h // ph, w // pw
+
+
+def num_masked(grid: Grid, ratio: float, mask_type: str = "random") -> int:
+    """Exact number of masked tokens for one sample; the same for every sample with this grid."""
+    t, h, w = grid
+    if mask_type in ("random", "causal"):
+        return int(ratio * t * h * w)
+    if mask_type == "tube":
+        return int(ratio * h * w) * t
+    if mask_type == "frame":
+        return math.floor(t * ratio) * h * w
+    raise ValueError(f"unknown mask_type {mask_type!r}; choose one of {MASK_TYPES}")
+
+
+def make_mask(
+    grid: Grid,
+    ratio: float,
+    mask_type: str = "random",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One boolean mask of shape ``grid`` (T', H', W'), True = masked, with ``num_masked`` True entries.
+
+    random: uniform over all tokens. tube: one spatial mask repeated over time. frame: whole time slices.
+    causal: the last tokens in (t, h, w) raster order, so the model predicts the future from the past.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    t, h, w = grid
+    if mask_type == "random":
+        flat = _random_flat(t * h * w, int(ratio * t * h * w), generator)
+        return flat.view(t, h, w)
+    if mask_type == "tube":
+        spatial = _random_flat(h * w, int(ratio * h * w), generator).view(1, h, w)
+        return spatial.expand(t, h, w).clone()
+    if mask_type == "frame":
+        frames = _random_flat(t, math.floor(t * ratio), generator)
+        return frames.view(t, 1, 1).expand(t, h, w).clone()
+    if mask_type == "causal":
+        flat = torch.zeros(t * h * w, dtype=torch.bool)
+        flat[t * h * w - int(ratio * t * h * w) :] = True
+        return flat.view(t, h, w)
+    raise ValueError(f"unknown mask_type {mask_type!r}; choose one of {MASK_TYPES}")
+
+
+def _random_flat(n: int, n_masked: int, generator: torch.Generator | None) -> torch.Tensor:
+    flat = torch.zeros(n, dtype=torch.bool)
+    flat[torch.randperm(n, generator=generator)[:n_masked]] = True
+    return flat
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """Masking of one modality: ``mask_type`` in MASK_TYPES and the fraction of tokens hidden."""
+
+    mask_type: str = "random"
+    ratio: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"unknown mask_type {self.mask_type!r}; choose one of {MASK_TYPES}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"mask ratio must be in [0, 1), got {self.ratio}")
+
+    def __call__(self, grid: Grid, generator: torch.Generator | None = None) -> torch.Tensor:
+        return make_mask(grid, self.ratio, self.mask_type, generator)
+
+
+IMAGE_MASKING = MaskingConfig("random", 0.90)
+VIDEO_MASKING = MaskingConfig("random", 0.95)

@@ -1,0 +1,65 @@
+"""Tubelet patch embedding and the (t, h, w, c) patchify used by targets and visualisation.
+
+An image is a 2-frame static clip: it is repeated (not zero-padded) along a new time axis to fill one tubelet,
+so images and videos share one Conv3d and one token order, index = t * H'W' + h * W' + w.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+PatchSize = tuple[int, int, int]
+
+
+def to_video(x: torch.Tensor, t_patch: int) -> torch.Tensor:
+    """(B, C, H, W) image -> (B, C, t_patch, H, W) by repetition; a 5-D clip passes through unchanged."""
+    if x.ndim == 4:
+        return x.unsqueeze(2).expand(-1, -1, t_patch, -1, -1)
+    if x.ndim == 5:
+        if x.shape[2] == 1:
+            return x.expand(-1, -1, t_patch, -1, -1)
+        return x
+    raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W), got shape {tuple(x.shape)}")
+
+
+def grid_size(x: torch.Tensor, patch_size: PatchSize) -> tuple[int, int, int]:
+    """Token grid (T', H', W') of a 4-D image or 5-D clip batch."""
+    pt, ph, pw = patch_size
+    t = x.shape[2] if x.ndim == 5 else pt
+    return max(t // pt, 1), x.shape[-2] // ph, x.shape[-1] // pw
+
+
+def patchify(x: torch.Tensor, patch_size: PatchSize) -> torch.Tensor:
+    """(B, C, H, W) or (B, C, T, H, W) -> (B, N, pt*ph*pw*C), tokens in raster order, voxels in (t, h, w, c)."""
+    pt, ph, pw = patch_size
+    return rearrange(
+        to_video(x, pt), "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw
+    )
+
+
+def unpatchify(
+    tokens: torch.Tensor, patch_size: PatchSize, grid: tuple[int, int, int], channels: int = 3
+) -> torch.Tensor:
+    """Inverse of :func:`patchify`: (B, N, pt*ph*pw*C) -> (B, C, T'*pt, H'*ph, W'*pw)."""
+    pt, ph, pw = patch_size
+    t, h, w = grid
+    return rearrange(
+        tokens,
+        "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
+        t=t, h=h, w=w, pt=pt, ph=ph, pw=pw, c=channels,
+    )
+
+
+class TubeletEmbed(nn.Module):
+    """Conv3d over (t, h, w) tubelets; 4-D images are repeated to one tubelet first."""
+
+    def __init__(self, patch_size: PatchSize = (2, 16, 16), in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(to_video(x, self.patch_size[0]))
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), N in (t, h, w) raster order
