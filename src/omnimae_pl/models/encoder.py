@@ -64,7 +64,7 @@ class VisionTransformerEncoder(nn.Module):
         self.patch_embed = TubeletEmbed(self.patch_size, in_chans, embed_dim)
         # Fixed buffer, saved in checkpoints as in the released files.
         self.register_buffer("pos_embed", sinusoid_table(math.prod(self.grid), embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # linear over depth
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=LayerNorm)
             for i in range(depth)

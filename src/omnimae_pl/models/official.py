@@ -141,11 +141,18 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 def load_official(
     path_or_state_dict: str | PathLike | Mapping[str, torch.Tensor],
+    num_frames: int | None = None,
+    img_size: int | None = None,
 ) -> OmniMAE | OmniViTClassifier:
     """Any of the nine released files -> our pretraining model (``model(x, mask=mask)`` returns pixel
-    predictions) or our classifier (``model(x)`` returns logits), in eval mode."""
+    predictions) or our classifier (``model(x)`` returns logits), in eval mode.
+
+    The input layout is read from the positional table (16 frames when that fits, as in every released
+    file); give ``num_frames`` and ``img_size`` for other layouts, where the row count alone is ambiguous.
+    """
     state = read_state_dict(path_or_state_dict)
-    size, num_frames, img_size, is_pretrain = infer_official_size(state)
+    size, frames, size_px, is_pretrain = infer_official_size(state)
+    num_frames, img_size = num_frames or frames, img_size or size_px
     if is_pretrain:
         model: nn.Module = omnimae_pretrain(size, img_size=img_size, num_frames=num_frames)
     else:

@@ -1,0 +1,232 @@
+"""Write reconstruction figures for a few images and videos: ``python -m omnimae_pl.reconstruct``.
+
+For every input, mask type and mask ratio: a PNG (images: one row of views; videos: a frame strip) and, for
+videos, a GIF and an MP4 of the views side by side; ``index.json`` lists them all with each reconstruction's
+masked-patch loss, and ``index.html`` shows them in a browser. The views are those of :mod:`omnimae_pl.viz`.
+
+The checkpoint is a released OmniMAE pretraining file or a Lightning checkpoint of our pretraining module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
+from omnimae_pl.data.image_transforms import ResizeCenterCrop
+from omnimae_pl.data.video_io import DEFAULT_CLIP_DURATION, PyAVReader
+from omnimae_pl.losses import masked_mse, norm_pix_targets
+from omnimae_pl.masking import MASK_TYPES, make_mask, token_grid
+from omnimae_pl.models import OmniMAE, load_official, omnimae_pretrain
+from omnimae_pl.viz import (
+    VIEW_KEYS,
+    VIEW_TITLES,
+    frame_strip,
+    labelled_tiles,
+    mp4_encoder,
+    reconstruction_views,
+    sample_views,
+    save_gif,
+    save_mp4,
+    views_grid,
+)
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv"})
+Input = str | PathLike | torch.Tensor
+
+
+def load_pretrain_checkpoint(path: str | PathLike) -> OmniMAE:
+    """A Lightning checkpoint of our pretraining module -> its OmniMAE, in eval mode.
+
+    The module's hyper-parameters name the architecture (``size``, optional ``model_overrides``, ``img_size``,
+    ``num_frames``) and its ``state_dict`` holds the model under ``model.``. Read with ``weights_only=True``, so
+    loading never runs code from the file.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return _pretrain_from_lightning(checkpoint, path)
+
+
+def _pretrain_from_lightning(checkpoint: dict, path: str | PathLike) -> OmniMAE:
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "size" not in hparams:
+        raise ValueError(f"{path}: a Lightning checkpoint without hyper_parameters['size'] (not our pretraining)")
+    build = {key: hparams[key] for key in ("img_size", "num_frames") if key in hparams}
+    model = omnimae_pretrain(hparams["size"], **build, **(hparams.get("model_overrides") or {}))
+    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_model(path: str | PathLike) -> OmniMAE:
+    """A released OmniMAE pretraining file or a Lightning checkpoint of our pretraining -> OmniMAE (eval mode)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in checkpoint:
+        return _pretrain_from_lightning(checkpoint, path)
+    model = load_official(checkpoint)
+    if not isinstance(model, OmniMAE):
+        raise ValueError(f"{path} is a fine-tuned checkpoint: it has no decoder, so it cannot reconstruct")
+    return model
+
+
+def model_layout(model: OmniMAE) -> tuple[int, int]:
+    """(img_size, num_frames) the model's positional tables were built for; videos must match them."""
+    (pt, ph, _), (t, h, _) = model.patch_size, model.encoder.grid
+    return h * ph, t * pt
+
+
+def load_image(path: str | PathLike, img_size: int) -> torch.Tensor:
+    """An image file -> normalised (3, img_size, img_size): short side resized, centre crop (the eval transform)."""
+    with Image.open(path) as image:
+        return ResizeCenterCrop(size=img_size)(image)
+
+
+def load_video(
+    path: str | PathLike, img_size: int, num_frames: int, clip_duration: float = DEFAULT_CLIP_DURATION
+) -> torch.Tensor:
+    """A video file -> normalised (3, num_frames, img_size, img_size): ``num_frames`` evenly spaced frames from
+    the central ``clip_duration`` seconds (the pretraining frame spacing), short side resized, centre crop."""
+    frames = PyAVReader().read_uniform_clips(path, 1, num_frames, clip_duration)[0]  # (T, H, W, 3) uint8
+    frames = F.resize(frames.permute(0, 3, 1, 2), [img_size], antialias=True)
+    frames = F.center_crop(frames, [img_size, img_size]).float().div(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((frames - mean) / std).permute(1, 0, 2, 3)
+
+
+def load_input(source: Input, img_size: int, num_frames: int) -> torch.Tensor:
+    """A path (image, or video by suffix) or an already normalised (3, H, W) / (3, T, H, W) tensor."""
+    if isinstance(source, torch.Tensor):
+        return source.float()
+    if Path(source).suffix.lower() in VIDEO_SUFFIXES:
+        return load_video(source, img_size, num_frames)
+    return load_image(source, img_size)
+
+
+def write_reconstructions(
+    model: OmniMAE,
+    inputs: Sequence[Input],
+    out_dir: str | PathLike,
+    mask_ratios: Sequence[float] = (0.75, 0.9, 0.95),
+    mask_types: Sequence[str] = ("random",),
+    seed: int = 0,
+    fps: float = 4.0,
+) -> Path:
+    """Reconstruct every input under every (mask type, ratio) and write the figures; returns ``index.json``.
+
+    Each mask is drawn from a generator seeded with ``seed``, so reruns (and other checkpoints) see the same
+    masks. The model runs without gradients in eval mode on its own device; its mode is restored afterwards.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    img_size, num_frames = model_layout(model)
+    device = next(model.parameters()).device
+    entries = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i, source in enumerate(inputs):
+            sample = load_input(source, img_size, num_frames).to(device)
+            is_tensor = isinstance(source, torch.Tensor)
+            name = f"{i:02d}_{'tensor' if is_tensor else Path(source).stem}"  # the number keeps names unique
+            for mask_type in mask_types:
+                for ratio in mask_ratios:
+                    entry = _reconstruct_one(model, sample, name, mask_type, ratio, seed, fps, out_dir)
+                    entries.append({"input": name if is_tensor else str(source), **entry})
+    finally:
+        model.train(was_training)
+    index = out_dir / "index.json"
+    index.write_text(json.dumps({"views": {k: VIEW_TITLES[k] for k in VIEW_KEYS}, "entries": entries}, indent=2))
+    (out_dir / "index.html").write_text(_index_html(entries))
+    return index
+
+
+def _reconstruct_one(
+    model: OmniMAE, sample: torch.Tensor, name: str, mask_type: str, ratio: float, seed: int, fps: float, out: Path
+) -> dict:
+    """Figures for one input under one mask; returns its index entry (file names relative to ``out``)."""
+    grid = token_grid(tuple(sample.shape), model.patch_size)
+    mask = make_mask(grid, ratio, mask_type, torch.Generator().manual_seed(seed)).unsqueeze(0)
+    x = sample.unsqueeze(0)
+    with torch.no_grad():
+        pred = model(x, mask.to(x.device))
+        loss = masked_mse(pred, norm_pix_targets(x, model.patch_size), mask.flatten(1).to(x.device)).item()
+    views = reconstruction_views(pred, x, mask, model.patch_size)
+    kind = "video" if sample.ndim == 4 else "image"
+    hidden = int(mask.sum())
+    title = (
+        f"{name}: {hidden}/{mask.numel()} patches masked ({mask_type}, ratio {ratio:g}); "
+        f"masked-patch loss {loss:.3f}"
+    )
+    stem = f"{name}_{mask_type}_{round(ratio * 100)}"
+    files = {"png": f"{stem}.png"}
+    if kind == "image":
+        fig = views_grid(views, suptitle=title)
+    else:
+        one = sample_views(views, 0)
+        fig = frame_strip(one, suptitle=title)
+        tiles = labelled_tiles(one)
+        files["gif"] = save_gif(tiles, out / f"{stem}.gif", fps).name
+        if mp4_encoder() is not None:
+            files["mp4"] = save_mp4(tiles, out / f"{stem}.mp4", fps).name
+    fig.savefig(out / files["png"], dpi=100)
+    return {
+        "kind": kind,
+        "mask_type": mask_type,
+        "mask_ratio": ratio,
+        "num_masked": hidden,
+        "num_tokens": mask.numel(),
+        "loss": loss,
+        "files": files,
+    }
+
+
+def _index_html(entries: list[dict]) -> str:
+    legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(VIEW_TITLES[k])}</li>" for k in VIEW_KEYS)
+    body = []
+    for e in entries:
+        files = e["files"]
+        caption = (
+            f"{e['input']} ({e['kind']}): {e['num_masked']}/{e['num_tokens']} patches masked, "
+            f"{e['mask_type']} ratio {e['mask_ratio']:g}, masked-patch loss {e['loss']:.3f}"
+        )
+        images = "".join(
+            f'<img src="{html.escape(files[key])}" alt="{key}">' for key in ("png", "gif") if key in files
+        )
+        link = f' <a href="{html.escape(files["mp4"])}">mp4</a>' if "mp4" in files else ""
+        body.append(f"<h3>{html.escape(caption)}{link}</h3><div>{images}</div>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>OmniMAE reconstructions</title>"
+        "<style>img{max-width:100%;margin:4px;vertical-align:top}</style></head><body>"
+        f"<h1>OmniMAE reconstructions</h1><p>Views:</p><ul>{legend}</ul>{''.join(body)}</body></html>\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m omnimae_pl.reconstruct", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="released OmniMAE pretraining file or Lightning .ckpt")
+    parser.add_argument("--inputs", nargs="+", required=True, help="image and video files")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--mask-ratios", nargs="+", type=float, default=[0.75, 0.9, 0.95])
+    parser.add_argument("--mask-types", nargs="+", choices=MASK_TYPES, default=["random"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fps", type=float, default=4.0, help="frame rate of the GIF / MP4 outputs")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    model = load_model(args.checkpoint).to(args.device)
+    index = write_reconstructions(
+        model, args.inputs, args.out_dir, args.mask_ratios, args.mask_types, args.seed, args.fps
+    )
+    print(index)
+    return index
+
+
+if __name__ == "__main__":
+    main()
