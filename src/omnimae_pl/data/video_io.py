@@ -1,22 +1,26 @@
 """Reading fixed-length clips from video files.
 
-A clip is ``num_frames`` frames evenly spaced in time inside a window of ``clip_duration`` seconds, as in the
-paper (16 frames from a random 2.7 s window). Everything is computed from the timestamps of the frames that were
-actually decoded, never from header frame counts: Matroska/WebM headers carry none, and a truncated file decodes
-fewer frames (without raising) while its header still claims the full duration. A video shorter than the window
-gives repeated frames. A file that yields no frame raises :class:`VideoDecodeError`, which datasets turn into a
-placeholder sample.
+A clip is ``num_frames`` frames at evenly spaced times inside a window of ``clip_duration`` seconds, as in the
+paper (16 frames from a random 2.7 s window): the frame on screen at the middle of each of ``num_frames`` equal
+slices of the window. Times are presentation timestamps, so any and even a variable frame rate works. A video
+shorter than the window is spread over its own length, repeating frames.
+
+Everything comes from the frames actually decoded, never from header frame counts: Matroska/WebM headers carry
+none, and a truncated file decodes fewer frames (without raising) while its header still claims the full
+duration. A file that yields no frame raises :class:`VideoDecodeError`, which datasets turn into a placeholder.
 
 Readers return uint8 tensors laid out (K, T, H, W, 3): K windows, T frames, RGB last (the layout decoders
-produce, so no copy is made before the spatial transforms).
+produce, which torchvision's fast resize path wants).
 """
 
 from __future__ import annotations
 
 import bisect
-import math
+import functools
+import io
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -25,6 +29,7 @@ import torch
 
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_CLIP_DURATION = 2.7
+_EPS = 1e-4  # seconds; absorbs float noise in timestamps
 
 
 class VideoDecodeError(RuntimeError):
@@ -45,24 +50,22 @@ def uniform_positions(num_clips: int) -> list[float]:
     return [(k + 0.5) / num_clips for k in range(num_clips)]
 
 
-def sample_frame_indices(times: Sequence[float], start: float, clip_duration: float, num_frames: int) -> list[int]:
-    """Indices into the sorted frame ``times`` of ``num_frames`` frames evenly spaced in [start, start + clip).
+def clip_times(
+    duration: float, clip_duration: float, positions: Sequence[float], num_frames: int
+) -> list[list[float]]:
+    """For each window position, the ``num_frames`` sample times: the middles of equal slices of the window
+    (of the whole video when it is shorter than ``clip_duration``)."""
+    length = min(clip_duration, duration)
+    return [
+        [start + (i + 0.5) * length / num_frames for i in range(num_frames)]
+        for start in window_starts(duration, clip_duration, positions)
+    ]
 
-    Targets are evenly spaced between the first and the last frame inside the window and each picks the latest
-    frame shown at or before it, so at a constant frame rate this equals taking evenly spaced frame indices
-    (PyTorchVideo's uniform subsampling), and it stays right for any or a variable frame rate. Fewer frames than
-    ``num_frames`` in the window give repeated frames.
-    """
-    if not times:
-        raise ValueError("no frame times to sample from")
-    first = bisect.bisect_left(times, start - 1e-6)
-    last = bisect.bisect_left(times, start + clip_duration - 1e-6) - 1
-    if last < first:  # no frame inside the window: hold the frame shown at its start
-        held = max(min(first, len(times)) - 1, 0)
-        return [held] * num_frames
-    t0, t1 = times[first], times[last]
-    targets = np.linspace(t0, t1, num_frames) if num_frames > 1 else np.array([t0])
-    return [min(max(bisect.bisect_right(times, t + 1e-6) - 1, first), last) for t in targets]
+
+def frames_shown_at(frame_times: Sequence[float], targets: Sequence[float]) -> list[int]:
+    """Index of the frame on screen at each target time: the last frame that starts at or before it (the first
+    frame for targets before it). ``frame_times`` must be sorted."""
+    return [max(bisect.bisect_right(frame_times, t + _EPS) - 1, 0) for t in targets]
 
 
 class VideoReader(ABC):
@@ -102,8 +105,12 @@ class VideoReader(ABC):
 class PyAVReader(VideoReader):
     """PyAV backend, safe in DataLoader workers: one decoding thread, FFmpeg logging off, containers closed.
 
-    Only the frames that end up in a clip are converted to RGB; decoding starts at a seek to the first window
-    (when it is more than ``seek_threshold`` seconds in) and stops after the last window ends.
+    Sample times come from the header's duration, so frames are picked while decoding: each frame is converted
+    to RGB only if it is on screen at a sample time and is dropped at once otherwise (holding decoded frames
+    would make the decoder allocate fresh buffers for every frame). Decoding starts with a seek when the first
+    sample is more than ``seek_threshold`` seconds in, and stops at the first frame after the last sample. When
+    the header has no duration or the decode disagrees with it (a truncated file), a first pass measures the
+    real duration from the frames themselves.
     """
 
     def __init__(self, seek_threshold: float = 1.0) -> None:
@@ -116,77 +123,137 @@ class PyAVReader(VideoReader):
         av.logging.set_level(None)
         av.logging.set_libav_level(av.logging.PANIC)
         try:
-            frames = self._decode_windows(path, positions, clip_duration)
-            if frames is None:  # header duration missing or wrong (e.g. a truncated file): use every frame
-                frames = self._decode(path, 0.0, math.inf, seek=False)
+            with av.open(path) as container:
+                stream = _video_stream(container, path)
+                duration = _header_duration(container, stream)
+                times = clip_times(duration, clip_duration, positions, num_frames) if duration else None
+                frames = self._pick(container, stream, times) if times else None
+            if frames is None:  # no usable header duration: measure it from the frames, then pick
+                frames = self._pick_measured(path, positions, num_frames, clip_duration)
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
             raise VideoDecodeError(f"cannot decode video {path}: {err}") from err
-        times, kept, step = frames
-        if not kept:
-            raise VideoDecodeError(f"no frames decoded from video {path}")
-        duration = times[-1] - times[0] + step
-        starts = [times[0] + s for s in window_starts(duration, clip_duration, positions)]
-        picks = [sample_frame_indices(times, s, clip_duration, num_frames) for s in starts]
-        return _to_rgb(kept, picks)
+        stacked = np.stack([frame for clip in frames for frame in clip])
+        return torch.from_numpy(stacked).view(len(frames), num_frames, *stacked.shape[1:])
 
-    def _decode_windows(
-        self, path: str, positions: Sequence[float], clip_duration: float
-    ) -> tuple[list[float], list[av.VideoFrame], float] | None:
-        """Decode only the span the windows need, trusting the header duration; None when that trust fails."""
-        with av.open(path) as container:
-            stream = _video_stream(container, path)
-            duration = _header_duration(container, stream)
-        if duration is None:
-            return None
-        starts = window_starts(duration, clip_duration, positions)
-        lo, hi = min(starts), max(starts) + clip_duration
-        times, kept, step, reached_end = self._decode_span(path, lo, hi, seek=lo > self.seek_threshold)
-        tolerance = max(2 * step, 0.25)
-        if not kept or times[0] > lo + tolerance:  # nothing decoded, or the seek overshot the window
-            return None
-        if reached_end and times[-1] + step < min(hi, duration) - tolerance:  # the file ends early
-            return None
-        return times, kept, step
-
-    def _decode(self, path: str, lo: float, hi: float, seek: bool) -> tuple[list[float], list[av.VideoFrame], float]:
-        times, kept, step, _ = self._decode_span(path, lo, hi, seek)
-        return times, kept, step
+    def _pick(
+        self, container: av.container.InputContainer, stream: av.VideoStream, targets: list[list[float]]
+    ) -> list[list[np.ndarray]] | None:
+        """Frames for ``targets`` (placed by the header's duration); None when the decode shows it was wrong."""
+        first = min(t for clip in targets for t in clip)
+        last = max(t for clip in targets for t in clip)
+        picked = _pick_frames(container, stream, targets, seek=first if first > self.seek_threshold else None)
+        tolerance = max(2 * picked.step, 0.25)
+        if picked.first_time is None or picked.first_time > first + tolerance:
+            return None  # no frame at all, or the seek landed after the window (a poor index)
+        if picked.ended_at is not None and picked.ended_at < last - tolerance:
+            return None  # the file stops well before the header says
+        return picked.frames
 
     @staticmethod
-    def _decode_span(
-        path: str, lo: float, hi: float, seek: bool
-    ) -> tuple[list[float], list[av.VideoFrame], float, bool]:
-        """Frames (still YUV) shown in [lo, hi) seconds from the stream start, their times, the frame step, and
-        whether the file ended before ``hi``. A packet that fails to decode ends the stream, as truncation does."""
-        times: list[float] = []
-        kept: list[av.VideoFrame] = []
+    def _pick_measured(
+        path: str, positions: Sequence[float], num_frames: int, clip_duration: float
+    ) -> list[list[np.ndarray]]:
+        """Two passes: the frames' own timestamps give the duration, then the picks are decoded from the start."""
+        with av.open(path) as container:
+            times, step = _frame_times(container, _video_stream(container, path))
+        if not times:
+            raise VideoDecodeError(f"no frames decoded from video {path}")
+        clips = clip_times(times[-1] - times[0] + step, clip_duration, positions, num_frames)
         with av.open(path) as container:
             stream = _video_stream(container, path)
-            origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-            rate = stream.average_rate or stream.guessed_rate
-            step = 1.0 / float(rate) if rate else 0.0
-            if seek:
-                container.seek(int((lo + origin) / stream.time_base), stream=stream, backward=True)
-            reached_end = True
-            last = -math.inf
-            try:
-                for packet in container.demux(stream):
-                    for frame in packet.decode():
-                        t = frame.time - origin if frame.pts is not None else last + step
-                        last = t
-                        if t >= hi - 1e-6:
-                            reached_end = False
-                            break
-                        if t >= lo - 1e-6 and (not times or t > times[-1]):
-                            times.append(t)
-                            kept.append(frame)
-                    if not reached_end:
-                        break
-            except av.error.FFmpegError:
-                pass
-        if not rate and len(times) > 1:
-            step = float(np.median(np.diff(times)))
-        return times, kept, step, reached_end
+            return _pick_frames(container, stream, [[times[0] + t for t in clip] for clip in clips], seek=None).frames
+
+
+@dataclass
+class _Picked:
+    """One decoding pass: the picked RGB frames per clip, the first frame's time, the nominal frame step, and
+    where the last frame ended if the file ran out before the last sample time (else None)."""
+
+    frames: list[list[np.ndarray]]
+    first_time: float | None
+    step: float
+    ended_at: float | None = None
+
+
+def _pick_frames(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    targets: list[list[float]],
+    seek: float | None,
+) -> _Picked:
+    """Decode once, keeping as RGB only the frame on screen at each target time (times from the stream start).
+
+    A packet that fails to decode ends the stream, as truncation does; samples after the last decoded frame
+    get that frame.
+    """
+    origin, step = _origin_and_step(stream)
+    order = sorted((t, k, i) for k, clip in enumerate(targets) for i, t in enumerate(clip))
+    frames: list[list[np.ndarray | None]] = [[None] * len(clip) for clip in targets]
+    if seek is not None:
+        try:
+            container.seek(int((seek + origin) / stream.time_base), stream=stream, backward=True)
+        except av.error.FFmpegError:  # no index to seek with: decode from where we are
+            pass
+    convert = _RGBConverter()
+    j, previous, previous_time, first_time = 0, None, -step, None
+    try:
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                t = frame.time - origin if frame.pts is not None else previous_time + step
+                if previous is not None and t <= previous_time:
+                    continue  # a repeated or out-of-order timestamp
+                if first_time is None:
+                    first_time = t
+                while j < len(order) and order[j][0] + _EPS < t:
+                    _, k, i = order[j]
+                    frames[k][i] = convert(previous if previous is not None else frame)
+                    j += 1
+                previous, previous_time = frame, t
+                if j == len(order):
+                    return _Picked(frames, first_time, step)
+    except av.error.FFmpegError:
+        pass
+    if previous is None:
+        return _Picked(frames, first_time, step)
+    for _, k, i in order[j:]:
+        frames[k][i] = convert(previous)
+    return _Picked(frames, first_time, step, ended_at=previous_time + step)
+
+
+def _frame_times(container: av.container.InputContainer, stream: av.VideoStream) -> tuple[list[float], float]:
+    """Times of every decodable frame (from the stream start) and the frame step; frames are not kept."""
+    origin, step = _origin_and_step(stream)
+    times: list[float] = []
+    try:
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                t = frame.time - origin if frame.pts is not None else (times[-1] + step if times else 0.0)
+                if not times or t > times[-1]:
+                    times.append(t)
+    except av.error.FFmpegError:
+        pass
+    if not step and len(times) > 1:
+        step = float(np.median(np.diff(times)))
+    return times, step
+
+
+class _RGBConverter:
+    """Frame -> RGB array, once per frame, at the size of the first frame converted (VP9 may change size)."""
+
+    def __init__(self) -> None:
+        self.reformatter = av.video.reformatter.VideoReformatter()
+        self.size: tuple[int, int] | None = None
+        self.last: tuple[av.VideoFrame, np.ndarray] | None = None
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        if self.last is not None and self.last[0] is frame:
+            return self.last[1]
+        if self.size is None:
+            self.size = (frame.width, frame.height)
+        width, height = self.size
+        rgb = self.reformatter.reformat(frame, width=width, height=height, format="rgb24", threads=1).to_ndarray()
+        self.last = (frame, rgb)
+        return rgb
 
 
 def _video_stream(container: av.container.InputContainer, path: str) -> av.VideoStream:
@@ -198,6 +265,13 @@ def _video_stream(container: av.container.InputContainer, path: str) -> av.Video
     return stream
 
 
+def _origin_and_step(stream: av.VideoStream) -> tuple[float, float]:
+    """Stream start time (seconds) and nominal frame step (0 when the rate is unknown)."""
+    origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    rate = stream.average_rate or stream.guessed_rate
+    return origin, (1.0 / float(rate) if rate else 0.0)
+
+
 def _header_duration(container: av.container.InputContainer, stream: av.VideoStream) -> float | None:
     """Duration claimed by the header in seconds (may be wrong for damaged files), or None."""
     if stream.duration is not None and stream.time_base is not None:
@@ -207,30 +281,29 @@ def _header_duration(container: av.container.InputContainer, stream: av.VideoStr
     return None
 
 
-def _to_rgb(frames: list[av.VideoFrame], picks: list[list[int]]) -> torch.Tensor:
-    """Convert the picked frames (each once) to RGB at the first picked frame's size: (K, T, H, W, 3) uint8."""
-    reformatter = av.video.reformatter.VideoReformatter()
-    first = frames[picks[0][0]]
-    width, height = first.width, first.height
-    rgb: dict[int, np.ndarray] = {}
-    for i in sorted({i for window in picks for i in window}):
-        out = reformatter.reformat(frames[i], width=width, height=height, format="rgb24", threads=1)
-        rgb[i] = out.to_ndarray()
-    return torch.from_numpy(np.stack([np.stack([rgb[i] for i in window]) for window in picks]))
-
-
+@functools.cache
 def torchcodec_available() -> bool:
-    """True when torchcodec imports AND its FFmpeg libraries load (it needs a system FFmpeg, unlike PyAV)."""
+    """True when torchcodec imports AND decodes a tiny clip: it needs system FFmpeg libraries (PyAV bundles its
+    own) and a build matching torch, and it only finds out when the first decoder is made."""
     try:
-        from torchcodec.decoders import VideoDecoder  # noqa: F401
-    except Exception:  # missing package, missing FFmpeg libraries, or an ABI mismatch with torch
+        from torchcodec.decoders import VideoDecoder
+
+        buffer = io.BytesIO()
+        with av.open(buffer, "w", format="webm") as container:
+            stream = container.add_stream("libvpx-vp9", rate=12)
+            stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+            for packet in stream.encode(av.VideoFrame(16, 16, "yuv420p")):
+                container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return VideoDecoder(buffer.getvalue(), num_ffmpeg_threads=1)[0].shape[-1] == 16
+    except Exception:  # missing package or FFmpeg libraries, an ABI mismatch with torch, or a broken build
         return False
-    return True
 
 
 class TorchCodecReader(VideoReader):
-    """torchcodec backend (optional, faster): an exact-mode scan gives every frame's timestamp from the packets
-    actually present, then only the picked frames are decoded, single-threaded."""
+    """torchcodec backend (optional): an exact-mode scan measures the duration from the packets actually present,
+    then the frames on screen at the sample times are decoded, single-threaded. Same frames as PyAVReader."""
 
     def read_windows(
         self, path: str | Path, positions: Sequence[float], num_frames: int, clip_duration: float
@@ -241,24 +314,16 @@ class TorchCodecReader(VideoReader):
         try:
             decoder = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC")
             meta = decoder.metadata
-            count = len(decoder)
-            if count == 0:
+            if not meta.num_frames:
                 raise VideoDecodeError(f"no frames decoded from video {path}")
             begin = float(meta.begin_stream_seconds)
-            fps = float(meta.average_fps) if meta.average_fps else 0.0
-            step = 1.0 / fps if fps else 0.0
-            times = [j * step for j in range(count)]
-            duration = float(meta.end_stream_seconds) - begin
-            starts = window_starts(duration, clip_duration, positions)
-            picks = [sample_frame_indices(times, s, clip_duration, num_frames) for s in starts]
-            wanted = sorted({i for window in picks for i in window})
-            batch = decoder.get_frames_at(indices=wanted).data
+            clips = clip_times(float(meta.end_stream_seconds) - begin, clip_duration, positions, num_frames)
+            frames = decoder.get_frames_played_at(seconds=[begin + t + _EPS for clip in clips for t in clip]).data
         except VideoDecodeError:
             raise
-        except Exception as err:  # torchcodec raises RuntimeError/ValueError for unreadable files
+        except Exception as err:  # torchcodec raises RuntimeError / ValueError for unreadable files
             raise VideoDecodeError(f"cannot decode video {path}: {err}") from err
-        row = {i: n for n, i in enumerate(wanted)}
-        return torch.stack([batch[[row[i] for i in window]] for window in picks])
+        return frames.reshape(len(clips), num_frames, *frames.shape[1:])
 
 
 def make_reader(backend: str = "pyav") -> VideoReader:

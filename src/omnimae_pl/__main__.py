@@ -1,0 +1,3 @@
+from omnimae_pl.cli import main
+
+main()

@@ -1,0 +1,98 @@
+"""Counting of placeholder samples (``valid=False``) per source, with a fail-fast threshold.
+
+A dataset turns an unreadable file into a placeholder instead of raising, so one corrupt file cannot stop a
+week-long run; this tracker keeps that from hiding a broken copy of a dataset. It sees every batch on its way
+to the model, counts the invalid rows of each source, remembers which files failed most often, and raises
+``TooManyInvalidSamplesError`` naming them once a source's invalid fraction exceeds ``max_invalid_fraction``
+(judged only after ``min_samples`` rows, or the dataset's length if that is smaller).
+
+Counts are per process (each rank counts its own batches).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class TooManyInvalidSamplesError(RuntimeError):
+    """A source yields more unreadable files than the configured fraction allows."""
+
+
+@dataclass
+class _SourceCounts:
+    describe: Callable[[int], str]
+    size: int
+    seen: int = 0
+    invalid: int = 0
+    failures: Counter = field(default_factory=Counter)  # dataset index -> batches in which it failed
+
+
+class BadSampleTracker:
+    """Counts invalid samples per source from batches carrying ``source``, ``valid`` and ``index``."""
+
+    def __init__(self, max_invalid_fraction: float = 0.1, min_samples: int = 100, show_worst: int = 5) -> None:
+        if not 0.0 <= max_invalid_fraction <= 1.0:
+            raise ValueError(f"max_invalid_fraction must be in [0, 1], got {max_invalid_fraction}")
+        self.max_invalid_fraction = max_invalid_fraction
+        self.min_samples = min_samples
+        self.show_worst = show_worst
+        self._sources: dict[str, _SourceCounts] = {}
+
+    def add_source(self, name: str, describe: Callable[[int], str], size: int) -> None:
+        """Register a source: ``describe(index)`` names a sample's file, ``size`` is the dataset's length."""
+        self._sources[name] = _SourceCounts(describe, size)
+
+    def update(self, batch: Mapping[str, Any]) -> None:
+        """Count one collated batch; raise ``TooManyInvalidSamplesError`` when its source crosses the threshold."""
+        name = batch["source"]
+        if name not in self._sources:
+            raise KeyError(f"batch from source {name!r}, which was never registered with add_source")
+        counts = self._sources[name]
+        invalid = ~torch.as_tensor(batch["valid"]).reshape(-1).bool().cpu()
+        counts.seen += invalid.numel()
+        if bool(invalid.any()):
+            counts.invalid += int(invalid.sum())
+            counts.failures.update(set(torch.as_tensor(batch["index"]).reshape(-1).cpu()[invalid].tolist()))
+        judged = counts.seen >= min(self.min_samples, counts.size)
+        if judged and counts.invalid > self.max_invalid_fraction * counts.seen:
+            raise TooManyInvalidSamplesError(self._message(name))
+
+    def counts(self) -> dict[str, float]:
+        """``<source>/invalid``, ``<source>/seen`` and ``<source>/invalid_fraction`` for every source, for logging."""
+        out: dict[str, float] = {}
+        for name, c in self._sources.items():
+            out[f"{name}/invalid"] = float(c.invalid)
+            out[f"{name}/seen"] = float(c.seen)
+            out[f"{name}/invalid_fraction"] = c.invalid / c.seen if c.seen else 0.0
+        return out
+
+    def worst(self, name: str, k: int | None = None) -> list[tuple[str, int]]:
+        """The ``k`` files of a source that failed most often, as (description, number of failures)."""
+        counts = self._sources[name]
+        return [(counts.describe(i), n) for i, n in counts.failures.most_common(k or self.show_worst)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            name: {"seen": c.seen, "invalid": c.invalid, "failures": dict(c.failures)}
+            for name, c in self._sources.items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore counts of the registered sources; sources the state does not know start from zero."""
+        for name, c in self._sources.items():
+            saved = state.get(name, {})
+            c.seen, c.invalid = int(saved.get("seen", 0)), int(saved.get("invalid", 0))
+            c.failures = Counter({int(i): int(n) for i, n in saved.get("failures", {}).items()})
+
+    def _message(self, name: str) -> str:
+        c = self._sources[name]
+        files = ", ".join(f"{path} ({n}x)" for path, n in self.worst(name))
+        return (
+            f"source {name!r}: {c.invalid} of {c.seen} samples ({c.invalid / c.seen:.1%}) could not be read, more than "
+            f"max_invalid_fraction={self.max_invalid_fraction:g}; worst files: {files}"
+        )

@@ -1,0 +1,458 @@
+"""LightningDataModules: joint image + video pretraining, and single-source classification.
+
+Both shard their data themselves (run with ``trainer.use_distributed_sampler: false``, as every shipped trainer
+config does): training goes through a ``ModalityInterleaver`` (seeded per-epoch shuffling, the rank's shard,
+``(index, epoch)`` keys, a mid-epoch resumable position in the checkpoint, bad-sample counting), and
+evaluation loaders split their set over the ranks with a non-shuffling ``DistributedSampler``.
+
+Datasets are built on first need: ``setup()``, or earlier when the CLI links ``num_classes`` into the model.
+Either way a missing folder or annotation file fails before the first step, with its path in the message.
+
+Example (``data:`` of a LightningCLI config in subclass mode)::
+
+    data:
+      class_path: omnimae_pl.data.datamodule.OmniMAEDataModule
+      init_args:
+        sources:
+          - {name: in1k, kind: imagenet, root: /data/imagenet, val_split: val}
+          - {name: ssv2, kind: ssv2, root: /data/ssv2/videos, annotations: /data/ssv2/labels, val_split: validation}
+        image_batch_size: 32
+        video_batch_size: 32       # samples: 8 clips x 4 replicas
+        replicas: 4
+        image_masking: {mask_type: random, ratio: 0.9}
+        video_masking: {mask_type: random, ratio: 0.95}
+        num_workers: 8
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from omnimae_pl.data.bad_samples import BadSampleTracker
+from omnimae_pl.data.imagenet import ImageNet
+from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, Source
+from omnimae_pl.data.sample import collate_samples
+from omnimae_pl.data.video_datasets import SSv2, VideoFolder
+from omnimae_pl.masking import IMAGE_MASKING, VIDEO_MASKING, MaskingConfig
+
+KINDS = {"imagenet": "image", "ssv2": "video", "video_folder": "video"}
+
+
+@dataclass
+class SourceConfig:
+    """One dataset on disk.
+
+    kind: "imagenet" (``<root>/<split>/<class>/*.JPEG``, or a flat val folder with ``val_labels``),
+        "video_folder" (``<root>/<split>/<class>/*.{mp4,webm,avi,mkv}``) or "ssv2" (``root`` holds
+        ``<id>.webm``; ``annotations`` the ``something-something-v2-*.json`` files; splits train/validation/test).
+    name: tag of the batches (``batch["source"]``) and of logged counts; default: ``kind``.
+    split / val_split / test_split: the split of each stage; None: this source has no such stage.
+    weight: share of the pretraining steps (given for every source or none; see ``data.interleave``).
+    num_workers: loader workers for this source; default: the datamodule's.
+    val_labels, synsets: imagenet with a flat val folder (see ``data.imagenet``).
+    """
+
+    kind: str
+    root: str
+    name: str | None = None
+    split: str | None = "train"
+    val_split: str | None = None
+    test_split: str | None = None
+    annotations: str | None = None
+    weight: float | None = None
+    num_workers: int | None = None
+    val_labels: str | None = None
+    synsets: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown source kind {self.kind!r}; choose one of {sorted(KINDS)}")
+        if self.kind == "ssv2" and not self.annotations:
+            raise ValueError(f"ssv2 source at {self.root} needs annotations= (the folder of its JSON files)")
+        if self.name is None:
+            self.name = self.kind
+
+    @property
+    def modality(self) -> str:
+        return KINDS[self.kind]
+
+
+class _SourcesDataModule(LightningDataModule):
+    """Dataset construction and loader plumbing shared by the two datamodules."""
+
+    def __init__(
+        self,
+        img_size: int,
+        num_frames: int,
+        clip_duration: float,
+        short_side: int,
+        patch_size: tuple[int, int, int],
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+        prefetch_factor: int,
+        timeout: float,
+        seed: int,
+        max_invalid_fraction: float,
+        video_backend: str,
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.num_frames = num_frames
+        self.clip_duration = clip_duration
+        self.short_side = short_side
+        self.patch_size = tuple(patch_size)
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.timeout = timeout
+        self.seed = seed
+        self.video_backend = video_backend
+        self.bad_samples = BadSampleTracker(max_invalid_fraction)
+        self.interleaver: ModalityInterleaver | None = None
+        self._datasets: dict[tuple[str, str], Dataset] = {}
+
+    def _dataset(
+        self,
+        cfg: SourceConfig,
+        split: str,
+        train: bool,
+        masking: MaskingConfig | None,
+        replicas: int = 1,
+        image_scale: tuple[float, float] = (0.2, 1.0),
+        crop_ratio: float = 1.0,
+        transform: Callable | None = None,
+        eval_views: tuple[int, int, int | None] = (1, 1, None),
+    ) -> Dataset:
+        """The dataset of one source and split, built once. ``eval_views``: video (clips, crops, short side)."""
+        key = (cfg.name, split)
+        if key in self._datasets:
+            return self._datasets[key]
+        if cfg.modality == "image":
+            dataset: Dataset = ImageNet(
+                cfg.root, split, train=train, img_size=self.img_size, scale=image_scale, crop_ratio=crop_ratio,
+                transform=transform if train else None, masking=masking, patch_size=self.patch_size,
+                seed=self.seed, val_labels=cfg.val_labels, synsets=cfg.synsets,
+            )
+        else:
+            clips, crops, eval_short = eval_views
+            options: dict[str, Any] = {
+                "num_frames": self.num_frames, "clip_duration": self.clip_duration, "crop_size": self.img_size,
+                "short_side": self.short_side if train or eval_short is None else eval_short,
+                "masking": masking, "patch_size": self.patch_size, "replicas": replicas, "seed": self.seed,
+                "train": train, "num_clips": 1 if train else clips, "num_crops": 1 if train else crops,
+                "backend": self.video_backend,
+            }
+            if cfg.kind == "ssv2":
+                dataset = SSv2(cfg.annotations, cfg.root, split, **options)
+            else:
+                dataset = VideoFolder(Path(cfg.root) / split, **options)
+            if train and transform is not None:
+                dataset.train_transform = transform  # the video datasets' augmentation hook
+        self._datasets[key] = dataset
+        return dataset
+
+    def _data_parallel(self) -> tuple[int, int]:
+        """(rank, world size) of data parallelism: the strategy's when attached to a trainer (this also covers
+        ModelParallelStrategy's data-parallel sub-mesh), else torch.distributed's, else (0, 1)."""
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer is not None else None
+        if kwargs:
+            return kwargs["rank"], kwargs["num_replicas"]
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _loader_options(self, num_workers: int) -> dict[str, Any]:
+        return {
+            "num_workers": num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers and num_workers > 0,
+            "prefetch_factor": self.prefetch_factor if num_workers > 0 else None,
+            "timeout": self.timeout if num_workers > 0 else 0.0,
+        }
+
+    def _interleaver(self, sources: list[Source]) -> ModalityInterleaver:
+        rank, world_size = self._data_parallel()
+        self.interleaver = ModalityInterleaver(
+            sources, seed=self.seed, rank=rank, world_size=world_size, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+            prefetch_factor=self.prefetch_factor, timeout=self.timeout, bad_samples=self.bad_samples,
+        )
+        return self.interleaver
+
+    def _eval_loader(self, dataset: Dataset, cfg: SourceConfig, batch_size: int, limit: int | None = None) -> DataLoader:
+        """In-order loader over (an evenly spaced ``limit``-item subset of) ``dataset``, split over the ranks."""
+        if limit is not None and limit < len(dataset):
+            dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, limit).round().long().tolist())
+        rank, world_size = self._data_parallel()
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
+        workers = self.num_workers if cfg.num_workers is None else cfg.num_workers
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
+            collate_fn=functools.partial(collate_samples, modality=cfg.modality, source=cfg.name),
+            **self._loader_options(workers),
+        )
+
+
+class OmniMAEDataModule(_SourcesDataModule):
+    """Pretraining on any number of image and video sources, one source per step (``ModalityInterleaver``).
+
+    Args:
+        sources: the datasets (``SourceConfig``): those with a ``split`` train, those with a ``val_split``
+            are validated.
+        image_batch_size: images per device and step.
+        video_batch_size: video samples per device and step, i.e. ``video_batch_size / replicas`` clips.
+        replicas: augmented and masked copies of each decoded clip; also divides the video steps per epoch.
+        image_masking, video_masking: mask type and ratio per modality (paper: random 0.90 / 0.95).
+        img_size, num_frames, clip_duration, short_side, patch_size: input geometry (video: ``short_side``
+            resize before the random crop; frames sampled uniformly from ``clip_duration`` seconds).
+        image_scale: RandomResizedCrop area range for images (0.2-1 in OmniMAE; videos use 0.08-1).
+        val_batch_size: evaluation samples per device (default: the modality's training batch).
+        val_samples: validate on this many evenly spaced items per source instead of all of them.
+        num_workers, pin_memory, persistent_workers, prefetch_factor, timeout: DataLoader options (per source).
+        seed: base of every random draw (shuffles, crops, masks).
+        max_invalid_fraction: abort when a source's share of unreadable files exceeds this.
+        video_backend: "pyav", "torchcodec" or "auto".
+
+    Validation masks and crops are the same every epoch. ``val_dataloader`` returns one loader per validated
+    source (Lightning passes ``dataloader_idx``; every batch carries ``modality`` and ``source``).
+    """
+
+    def __init__(
+        self,
+        sources: list[SourceConfig],
+        image_batch_size: int = 32,
+        video_batch_size: int = 32,
+        replicas: int = 4,
+        image_masking: MaskingConfig = IMAGE_MASKING,
+        video_masking: MaskingConfig = VIDEO_MASKING,
+        img_size: int = 224,
+        num_frames: int = 16,
+        clip_duration: float = 2.7,
+        short_side: int = 256,
+        patch_size: tuple[int, int, int] = (2, 16, 16),
+        image_scale: tuple[float, float] = (0.2, 1.0),
+        val_batch_size: int | None = None,
+        val_samples: int | None = None,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        timeout: float = 600.0,
+        seed: int = 0,
+        max_invalid_fraction: float = 0.1,
+        video_backend: str = "pyav",
+    ) -> None:
+        super().__init__(
+            img_size, num_frames, clip_duration, short_side, patch_size, num_workers, pin_memory,
+            persistent_workers, prefetch_factor, timeout, seed, max_invalid_fraction, video_backend,
+        )
+        if not any(cfg.split is not None for cfg in sources):
+            raise ValueError("OmniMAEDataModule needs at least one source with a training split")
+        if video_batch_size % replicas:
+            raise ValueError(f"video_batch_size={video_batch_size} must be a multiple of replicas={replicas}")
+        self.sources = list(sources)
+        self.image_batch_size = image_batch_size
+        self.video_batch_size = video_batch_size
+        self.replicas = replicas
+        self.masking = {"image": image_masking, "video": video_masking}
+        self.image_scale = tuple(image_scale)
+        self.val_batch_size = val_batch_size
+        self.val_samples = val_samples
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        """Classes per modality for the pretraining probes; 0 where the sources of a modality disagree."""
+        counts: dict[str, set[int]] = {}
+        for cfg in self._trained():
+            counts.setdefault(cfg.modality, set()).add(self._train_dataset(cfg).num_classes)
+        return {modality: n.pop() if len(n) == 1 else 0 for modality, n in counts.items()}
+
+    def batch_sizes(self) -> dict[str, int]:
+        """Samples per device and step, per modality present."""
+        sizes = {"image": self.image_batch_size, "video": self.video_batch_size}
+        return {m: sizes[m] for m in dict.fromkeys(cfg.modality for cfg in self._trained())}
+
+    def steps_per_epoch(self, world_size: int = 1, rank: int = 0) -> int:
+        """Steps per epoch on every rank, from the dataset sizes alone (no loader is started)."""
+        s = self._train_sources()
+        return len(
+            InterleaveSampler(
+                [x.name for x in s], [len(x.dataset) for x in s], [x.batch_size for x in s],
+                [x.replicas for x in s], [x.weight for x in s], self.seed, rank, world_size,
+            )
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._train_sources()
+        if stage in (None, "fit", "validate"):
+            self._eval_datasets("val_split")
+        if stage in (None, "test"):
+            self._eval_datasets("test_split")
+
+    def train_dataloader(self) -> ModalityInterleaver:
+        return self._interleaver(self._train_sources())
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val_split")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """The reconstruction loss on each source's ``test_split``, with fixed masks as in validation."""
+        return self._eval_loaders("test_split")
+
+    def _eval_loaders(self, split_key: str) -> list[DataLoader]:
+        batch = {"image": self.image_batch_size, "video": self.video_batch_size}
+        return [
+            self._eval_loader(ds, cfg, self.val_batch_size or batch[cfg.modality], self.val_samples)
+            for cfg, ds in self._eval_datasets(split_key)
+        ]
+
+    def _trained(self) -> list[SourceConfig]:
+        return [cfg for cfg in self.sources if cfg.split is not None]
+
+    def _train_dataset(self, cfg: SourceConfig) -> Dataset:
+        replicas = self.replicas if cfg.modality == "video" else 1
+        return self._dataset(cfg, cfg.split, True, self.masking[cfg.modality], replicas, self.image_scale)
+
+    def _train_sources(self) -> list[Source]:
+        out = []
+        for cfg in self._trained():
+            video = cfg.modality == "video"
+            batch = self.video_batch_size // self.replicas if video else self.image_batch_size
+            out.append(
+                Source(cfg.name, self._train_dataset(cfg), batch, cfg.weight, self.replicas if video else 1,
+                       cfg.num_workers)
+            )
+        return out
+
+    def _eval_datasets(self, split_key: str) -> list[tuple[SourceConfig, Dataset]]:
+        """(config, dataset) of every source with a ``val_split`` / ``test_split``: fixed crops and masks."""
+        return [
+            (cfg, self._dataset(cfg, getattr(cfg, split_key), False, self.masking[cfg.modality]))
+            for cfg in self.sources
+            if getattr(cfg, split_key) is not None
+        ]
+
+
+class ClassificationDataModule(_SourcesDataModule):
+    """One labelled image or video source for fine-tuning, linear probing and evaluation (no masks).
+
+    Args:
+        source: the dataset (``SourceConfig``): ``split`` trains, ``val_split`` / ``test_split`` evaluate.
+        batch_size: training samples per device and step.
+        eval_batch_size: evaluation items per device (a multi-view video item holds clips x crops rows);
+            default ``batch_size``.
+        train_transform: the per-sample training augmentation, replacing the default. Images: a callable
+            ``(PIL image, generator) -> (3, S, S)`` (e.g. ``video_augment.ImageFinetuneTransform``); videos: a
+            drop-in for ``VideoTrainTransform`` (e.g. ``video_augment.VideoFinetuneTransform``). Default:
+            RandomResizedCrop(``image_scale``) + flip for images, the video datasets' own train crop for videos.
+        image_scale: RandomResizedCrop area range of the default image augmentation.
+        crop_ratio: image evaluation: resize the short side to ``img_size / crop_ratio``, centre crop.
+        eval_num_clips, eval_num_crops, eval_short_side: video evaluation views per video (SSv2 protocol: 5,
+            3, 224; rows of a batch sharing ``index`` are views of one video); ``eval_short_side`` defaults to
+            ``short_side``.
+        other arguments: as in ``OmniMAEDataModule``.
+    """
+
+    def __init__(
+        self,
+        source: SourceConfig,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        train_transform: Callable | None = None,
+        img_size: int = 224,
+        num_frames: int = 16,
+        clip_duration: float = 2.7,
+        short_side: int = 256,
+        patch_size: tuple[int, int, int] = (2, 16, 16),
+        image_scale: tuple[float, float] = (0.08, 1.0),
+        crop_ratio: float = 1.0,
+        eval_num_clips: int = 1,
+        eval_num_crops: int = 1,
+        eval_short_side: int | None = None,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        timeout: float = 600.0,
+        seed: int = 0,
+        max_invalid_fraction: float = 0.1,
+        video_backend: str = "pyav",
+    ) -> None:
+        super().__init__(
+            img_size, num_frames, clip_duration, short_side, patch_size, num_workers, pin_memory,
+            persistent_workers, prefetch_factor, timeout, seed, max_invalid_fraction, video_backend,
+        )
+        self.source = source
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.train_transform = train_transform
+        self.image_scale = tuple(image_scale)
+        self.crop_ratio = crop_ratio
+        self.eval_views = (eval_num_clips, eval_num_crops, eval_short_side)
+
+    @property
+    def modality(self) -> str:
+        return self.source.modality
+
+    @property
+    def num_classes(self) -> int:
+        split = self.source.split or self.source.val_split or self.source.test_split
+        return self._split_dataset(split).num_classes
+
+    def steps_per_epoch(self, world_size: int = 1, rank: int = 0) -> int:
+        dataset = self._split_dataset(self.source.split)
+        sampler = InterleaveSampler(
+            [self.source.name], [len(dataset)], [self.batch_size], [1], [None], self.seed, rank, world_size
+        )
+        return len(sampler)
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {
+            "fit": [self.source.split, self.source.val_split],
+            "validate": [self.source.val_split],
+            "test": [self.source.test_split],
+            "predict": [self.source.test_split or self.source.val_split],
+        }
+        for split in splits.get(stage, [self.source.split, self.source.val_split, self.source.test_split]):
+            if split is not None:
+                self._split_dataset(split)
+
+    def train_dataloader(self) -> ModalityInterleaver:
+        if self.source.split is None:
+            raise ValueError(f"source {self.source.name!r} has no training split (split: null)")
+        dataset = self._split_dataset(self.source.split)
+        return self._interleaver([Source(self.source.name, dataset, self.batch_size, None, 1, self.source.num_workers)])
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._stage_loader(self.source.val_split)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._stage_loader(self.source.test_split)
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._stage_loader(self.source.test_split or self.source.val_split)
+
+    def _split_dataset(self, split: str) -> Dataset:
+        train = split == self.source.split
+        return self._dataset(
+            self.source, split, train, None, 1, self.image_scale, self.crop_ratio,
+            self.train_transform, self.eval_views,
+        )
+
+    def _stage_loader(self, split: str | None) -> DataLoader | list:
+        if split is None:
+            return []
+        return self._eval_loader(self._split_dataset(split), self.source, self.eval_batch_size)
+

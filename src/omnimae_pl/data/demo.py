@@ -1,0 +1,323 @@
+"""A small demo corpus in the real on-disk layouts, built from data shipped inside installed packages.
+
+``imagenet/{train,val}/<wnid>/*.JPEG``: scikit-learn's handwritten digits (10 classes, upscaled and coloured,
+on texture backgrounds) plus crops of scikit-image photos (astronaut, coffee, chelsea, rocket) as four more
+classes. As in the real ImageNet, the train split holds a greyscale JPEG, a CMYK JPEG and a PNG named .JPEG.
+
+``ssv2/``: the three official Something-Something v2 JSON files and ``videos/<id>.webm`` (VP9, 12 fps, 2-4 s):
+a digit moving left to right, right to left, up, down, towards or away from the camera over a texture. The class
+depends on the order of the frames, as in SSv2 (a reversed clip has another label), so a model needs time.
+
+Everything is deterministic given ``seed``; a marker file records what was built, and a second call with the
+same arguments reuses it. Run ``python -m omnimae_pl.data.demo --root DIR`` to build and print the paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+DEMO_VERSION = 1
+MARKER = "omnimae_demo.json"
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+TEXTURES = ("grass", "gravel", "brick", "camera", "moon", "coins")
+MOTIONS = (
+    "Moving [something] from left to right",
+    "Moving [something] from right to left",
+    "Moving [something] up",
+    "Moving [something] down",
+    "Moving [something] towards the camera",
+    "Moving [something] away from the camera",
+)
+FPS = 12
+
+
+def build_demo_data(
+    root: str | Path,
+    train_images_per_class: int = 100,
+    val_images_per_class: int = 20,
+    num_videos: int = 420,
+    video_size: tuple[int, int] = (128, 96),
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write (or reuse) the demo corpus under ``root``; returns its paths.
+
+    Keys: imagenet, imagenet_train, imagenet_val, ssv2 (the annotation folder), ssv2_videos, ssv2_labels,
+    ssv2_train, ssv2_validation, ssv2_test. ``num_videos`` splits 70/15/15 into train/validation/test;
+    ``video_size`` is (width, height).
+    """
+    root = Path(root)
+    paths = demo_paths(root)
+    config = {
+        "version": DEMO_VERSION,
+        "train_images_per_class": train_images_per_class,
+        "val_images_per_class": val_images_per_class,
+        "num_videos": num_videos,
+        "video_size": list(video_size),
+        "seed": seed,
+    }
+    marker = root / MARKER
+    if _read_marker(marker) == config and all(p.exists() for p in paths.values()):
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("imagenet", "ssv2"):
+        if (root / name).exists() and not marker.exists():
+            raise FileExistsError(f"{root / name} exists and was not made by build_demo_data; choose another root")
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
+    try:
+        rng = np.random.default_rng(seed)
+        _write_imagenet(staging / "imagenet", train_images_per_class, val_images_per_class, rng)
+        _write_ssv2(staging / "ssv2", num_videos, video_size, rng)
+        marker.write_text(json.dumps({"version": DEMO_VERSION, "complete": False}))
+        for name in ("imagenet", "ssv2"):
+            shutil.rmtree(root / name, ignore_errors=True)
+            (staging / name).rename(root / name)
+        marker.write_text(json.dumps(config))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return paths
+
+
+def demo_paths(root: str | Path) -> dict[str, Path]:
+    root = Path(root)
+    ssv2 = root / "ssv2"
+    return {
+        "imagenet": root / "imagenet",
+        "imagenet_train": root / "imagenet" / "train",
+        "imagenet_val": root / "imagenet" / "val",
+        "ssv2": ssv2,
+        "ssv2_videos": ssv2 / "videos",
+        **{f"ssv2_{s}": ssv2 / f"something-something-v2-{s}.json" for s in ("labels", "train", "validation", "test")},
+    }
+
+
+def _read_marker(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+
+
+def _random_crop(image: np.ndarray, size: tuple[int, int], rng: np.random.Generator, min_frac: float) -> np.ndarray:
+    """A random crop covering at least ``min_frac`` of each side, resized to ``size`` = (width, height)."""
+    h, w = image.shape[:2]
+    ch = int(h * rng.uniform(min_frac, 1.0))
+    cw = min(int(ch * size[0] / size[1]), w)
+    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    crop = Image.fromarray(image[top : top + ch, left : left + cw])
+    return np.asarray(crop.resize(size, Image.BILINEAR))
+
+
+def _background(textures: list[np.ndarray], size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A dim, tinted texture crop: busy enough to be a background, dark enough for the digit to stand out."""
+    texture = _random_crop(textures[rng.integers(len(textures))], size, rng, 0.3).astype(np.float32)
+    tint = rng.uniform(0.3, 0.7, size=3)
+    return (texture.mean(axis=2, keepdims=True) * tint).astype(np.uint8)
+
+
+def _bright_colour(rng: np.random.Generator) -> np.ndarray:
+    colour = rng.uniform(60, 255, size=3)
+    colour[rng.integers(3)] = 255
+    return colour
+
+
+def _sprite(digit: np.ndarray, side: int, colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An upscaled digit as (colour image, alpha), both (side, side, ...) floats."""
+    alpha = np.asarray(Image.fromarray(digit).resize((side, side), Image.BICUBIC), dtype=np.float32) / 255.0
+    return np.broadcast_to(colour, (side, side, 3)).astype(np.float32), alpha[..., None]
+
+
+def _paste(canvas: np.ndarray, sprite: tuple[np.ndarray, np.ndarray], x: int, y: int) -> np.ndarray:
+    """Alpha-blend ``sprite`` with its top-left corner at (x, y), clipped to the canvas."""
+    colour, alpha = sprite
+    h, w = canvas.shape[:2]
+    s = colour.shape[0]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + s, w), min(y + s, h)
+    if x0 >= x1 or y0 >= y1:
+        return canvas
+    out = canvas.astype(np.float32)
+    a = alpha[y0 - y : y1 - y, x0 - x : x1 - x]
+    out[y0:y1, x0:x1] = a * colour[y0 - y : y1 - y, x0 - x : x1 - x] + (1 - a) * out[y0:y1, x0:x1]
+    return out.astype(np.uint8)
+
+
+def _write_imagenet(root: Path, n_train: int, n_val: int, rng: np.random.Generator) -> None:
+    images, labels = _digits()
+    textures = [_photo(name) for name in TEXTURES]
+    photos = [_photo(name) for name in PHOTOS]
+    wnids = [f"n{k:08d}" for k in range(10 + len(PHOTOS))]
+    val_number = 0
+    for k, wnid in enumerate(wnids):
+        pool = np.flatnonzero(labels == k) if k < 10 else None
+        for split, count in (("train", n_train), ("val", n_val)):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            for n in range(count):
+                size = (int(rng.integers(64, 97)), int(rng.integers(64, 97)))
+                if pool is not None:  # train and val take different digits while there are enough
+                    digit = images[pool[(n if split == "train" else n_train + n) % len(pool)]]
+                    picture = _background(textures, size, rng)
+                    side = int(min(size) * rng.uniform(0.55, 0.9))
+                    x, y = rng.integers(0, size[0] - side + 1), rng.integers(0, size[1] - side + 1)
+                    picture = _paste(picture, _sprite(digit, side, _bright_colour(rng)), x, y)
+                else:
+                    picture = _random_crop(photos[k - 10], size, rng, 0.25)
+                if split == "train":
+                    name = f"{wnid}_{n}.JPEG"
+                else:
+                    val_number += 1
+                    name = f"ILSVRC2012_val_{val_number:08d}.JPEG"
+                _save_picture(Image.fromarray(picture), folder / name, special=n if split == "train" and k == 0 else -1)
+
+
+def _save_picture(image: Image.Image, path: Path, special: int) -> None:
+    """JPEG, except the oddities real ImageNet has: 0 = greyscale, 1 = CMYK, 2 = PNG bytes behind .JPEG."""
+    if special == 0:
+        image.convert("L").save(path, format="JPEG", quality=90)
+    elif special == 1:
+        image.convert("CMYK").save(path, format="JPEG", quality=90)
+    elif special == 2:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        path.write_bytes(buffer.getvalue())
+    else:
+        image.save(path, format="JPEG", quality=90)
+
+
+# ---------------------------------------------------------------- videos
+
+
+def _motion_frames(
+    template: str, digit: np.ndarray, background: np.ndarray, n_frames: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Frames (N, H, W, 3) of one digit moving as ``template`` says; it moves between two random moments."""
+    h, w = background.shape[:2]
+    t0, t1 = rng.uniform(0.0, 0.2), rng.uniform(0.8, 1.0)
+    progress = np.clip((np.linspace(0, 1, n_frames) - t0) / (t1 - t0), 0, 1)
+    base = int(h * rng.uniform(0.35, 0.5))
+    colour = _bright_colour(rng)
+    frames = np.empty((n_frames, h, w, 3), dtype=np.uint8)
+    if "camera" in template:
+        small, large = int(h * 0.25), int(h * 0.9)
+        sides = small + (large - small) * (progress if "towards" in template else 1 - progress)
+        cx, cy = rng.uniform(0.35, 0.65) * w, rng.uniform(0.4, 0.6) * h
+        for i, side in enumerate(sides.astype(int)):
+            sprite = _sprite(digit, side, colour)
+            frames[i] = _paste(background, sprite, int(cx - side / 2), int(cy - side / 2))
+        return frames
+    sprite = _sprite(digit, base, colour)
+    if "left" in template:
+        a, b = -base * 0.3, w - base * 0.7
+        xs = a + (b - a) * (progress if template.endswith("to right") else 1 - progress)
+        ys = np.full(n_frames, rng.uniform(0, h - base))
+    else:
+        a, b = -base * 0.2, h - base * 0.8
+        ys = a + (b - a) * (1 - progress if template.endswith("up") else progress)
+        xs = np.full(n_frames, rng.uniform(0, w - base))
+    for i in range(n_frames):
+        frames[i] = _paste(background, sprite, int(xs[i]), int(ys[i]))
+    return frames
+
+
+def write_webm(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
+    """VP9 in WebM, fast single-threaded realtime settings; bit-exact muxing (no random ids), so the same frames
+    give the same bytes."""
+    with av.open(str(path), "w", container_options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("libvpx-vp9", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.thread_count = 1
+        stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b:v": "0", "row-mt": "0"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _write_ssv2(root: Path, num_videos: int, size: tuple[int, int], rng: np.random.Generator) -> None:
+    images, labels = _digits()
+    textures = [_photo(name) for name in TEXTURES]
+    videos = root / "videos"
+    videos.mkdir(parents=True)
+    plain = [t.replace("[", "").replace("]", "") for t in MOTIONS]
+    (root / "something-something-v2-labels.json").write_text(
+        json.dumps({t: str(i) for i, t in enumerate(plain)}, indent=1)
+    )
+    entries = []
+    for n in range(num_videos):
+        video_id = str(n + 1)
+        template = MOTIONS[n % len(MOTIONS)]
+        pick = int(rng.integers(len(images)))
+        n_frames = int(rng.integers(2 * FPS, 4 * FPS + 1))
+        frames = _motion_frames(template, images[pick], _background(textures, size, rng), n_frames, rng)
+        write_webm(videos / f"{video_id}.webm", frames)
+        thing = f"digit {labels[pick]}"
+        entries.append(
+            {
+                "id": video_id,
+                "label": template.replace("[something]", thing),
+                "template": template,
+                "placeholders": [thing],
+            }
+        )
+    order = rng.permutation(num_videos)
+    n_train, n_val = int(num_videos * 0.7), int(num_videos * 0.15)
+    splits = {
+        "train": order[:n_train],
+        "validation": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+    for split, picks in splits.items():
+        rows = [entries[i] if split != "test" else {"id": entries[i]["id"]} for i in sorted(picks)]
+        (root / f"something-something-v2-{split}.json").write_text(json.dumps(rows, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build (or reuse) the omnimae-pl demo corpus.")
+    parser.add_argument("--root", required=True, help="folder to write into")
+    parser.add_argument("--train-images-per-class", type=int, default=100)
+    parser.add_argument("--val-images-per-class", type=int, default=20)
+    parser.add_argument("--num-videos", type=int, default=420)
+    parser.add_argument("--video-width", type=int, default=128)
+    parser.add_argument("--video-height", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = build_demo_data(
+        args.root,
+        args.train_images_per_class,
+        args.val_images_per_class,
+        args.num_videos,
+        (args.video_width, args.video_height),
+        args.seed,
+    )
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""ImageNet (or any ``<root>/<split>/<class>/<image>`` tree) as samples for pretraining and classification.
+
+Layouts:
+  * foldered: ``<root>/<split>/<wnid>/*.JPEG`` (train always; val once sorted into class folders);
+  * flat val as extracted from ``ILSVRC2012_img_val.tar``: ``<root>/<split>/*.JPEG`` plus ``val_labels``, either
+      - ``<filename> <wnid>`` per line (the extension is optional; a comma may replace the space, and anything
+        after the wnid is ignored, so Kaggle's ``LOC_val_solution.csv`` works as is), or
+      - the devkit's ``ILSVRC2012_validation_ground_truth.txt``: one 1-based ILSVRC2012 id per line, line k for
+        the k-th file in sorted order; then ``synsets`` must name a text file whose line i starts with the wnid
+        of ILSVRC2012 id i (the order of the devkit's ``meta.mat``, which is *not* sorted wnid order).
+
+Class index = position in the sorted wnids of ``<root>/train``; without a train folder, the sorted wnids of
+``synsets``, else the split's own class folders.
+
+Files that cannot be decoded (missing, empty, truncated, not an image) give a placeholder with
+``valid=False`` and the same shapes; the loss skips it and ``BadSampleTracker`` counts it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from omnimae_pl.data.image_transforms import ImageTransform, RandomResizedCropFlip, ResizeCenterCrop
+from omnimae_pl.data.seeding import sample_generator, split_key
+from omnimae_pl.masking import MaskingConfig, token_grid
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+
+class ImageNet(Dataset):
+    """Decoded, augmented and masked images; ``dataset[index]`` or ``dataset[(index, epoch)]`` -> sample dict
+    (see ``omnimae_pl.data.sample``). Crop, flip and mask are drawn from ``sample_generator(seed, epoch, index)``.
+
+    ``train`` picks the transform: RandomResizedCrop + flip (``scale``, ``hflip_prob``) when True, resize +
+    centre crop (``crop_ratio``) when False; default: ``split == "train"``. ``transform`` replaces both (any
+    callable ``(PIL image, generator) -> (3, img_size, img_size) tensor``), the hook for fine-tuning augmentation.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        train: bool | None = None,
+        img_size: int = 224,
+        scale: tuple[float, float] = (0.2, 1.0),
+        hflip_prob: float = 0.5,
+        crop_ratio: float = 1.0,
+        interpolation: str = "bicubic",
+        transform: ImageTransform | None = None,
+        masking: MaskingConfig | None = None,
+        patch_size: tuple[int, int, int] = (2, 16, 16),
+        seed: int = 0,
+        val_labels: str | os.PathLike | None = None,
+        synsets: str | os.PathLike | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ImageNet root {self.root} is not a directory")
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(f"ImageNet split folder {split_dir} is not a directory")
+        synset_order = _read_synsets(Path(synsets)) if synsets is not None else None
+        self.classes = _class_names(self.root, split_dir, synset_order)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        samples = self._list_samples(split_dir, val_labels, synset_order)
+        if not samples:
+            raise FileNotFoundError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {split_dir}")
+        # Two flat arrays instead of a list of 1.28 M Python objects, whose reference counts would make every
+        # DataLoader worker copy them (the copy-on-write problem of forked workers).
+        self.split_dir = split_dir
+        self.files = np.array([os.fsencode(path.relative_to(split_dir)) for path, _ in samples])
+        self.labels = np.array([label for _, label in samples], dtype=np.int64)
+
+        if train is None:
+            train = split == "train"
+        if transform is None:
+            transform = (
+                RandomResizedCropFlip(img_size, scale=scale, hflip_prob=hflip_prob, interpolation=interpolation)
+                if train
+                else ResizeCenterCrop(img_size, crop_ratio=crop_ratio, interpolation=interpolation)
+            )
+        self.transform = transform
+        self.img_size = img_size
+        self.masking = masking
+        self.patch_size = tuple(patch_size)
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch used for keys given as a bare index (the interleaver passes ``(index, epoch)`` instead)."""
+        self.epoch = epoch
+
+    def describe(self, index: int) -> str:
+        return str(self.split_dir / os.fsdecode(self.files[index]))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, epoch = split_key(key, self.epoch)
+        label = int(self.labels[index])
+        valid = True
+        try:
+            with Image.open(self.describe(index)) as image:
+                pixels = self.transform(image, sample_generator(self.seed, epoch, index, "crop"))
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            # OSError: missing, empty, truncated and non-image files; PIL's plugins raise the others on
+            # corrupt headers and chunks.
+            pixels = torch.zeros(3, self.img_size, self.img_size)  # the mean image once normalised
+            valid = False
+        sample = {
+            "input": pixels,
+            "label": torch.tensor(label, dtype=torch.int64),
+            "valid": torch.tensor(valid),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+        if self.masking is not None:
+            grid = token_grid(tuple(pixels.shape), self.patch_size)
+            sample["mask"] = self.masking(grid, sample_generator(self.seed, epoch, index, "mask"))
+        return sample
+
+    def _list_samples(
+        self, split_dir: Path, val_labels: str | os.PathLike | None, synset_order: list[str] | None
+    ) -> list[tuple[Path, int]]:
+        if class_dirs := _subfolders(split_dir):
+            samples = []
+            for name in class_dirs:
+                if name not in self.class_to_idx:
+                    raise ValueError(f"class folder {split_dir / name} is not one of the {len(self.classes)} classes")
+                label = self.class_to_idx[name]
+                samples.extend((path, label) for path in _images_in(split_dir / name))
+            return samples
+        if val_labels is None:
+            raise ValueError(f"{split_dir} has no class folders; pass val_labels (see omnimae_pl.data.imagenet)")
+        return self._labelled_flat(split_dir, Path(val_labels), synset_order)
+
+    def _labelled_flat(
+        self, split_dir: Path, labels_file: Path, synset_order: list[str] | None
+    ) -> list[tuple[Path, int]]:
+        files = _images_in(split_dir)
+        lines = _read_lines(labels_file)
+        if lines and lines[0].isdigit():  # the devkit's ids, one per file in sorted order
+            if synset_order is None:
+                raise ValueError(f"{labels_file} holds ILSVRC2012 ids; pass synsets= to map them to wnids")
+            if len(lines) != len(files):
+                raise ValueError(f"{labels_file} has {len(lines)} labels for {len(files)} images in {split_dir}")
+            return [(path, self._label_of(_synset_of(line, synset_order), labels_file)) for path, line in zip(files, lines)]
+        by_stem: dict[str, int] = {}
+        for number, line in enumerate(lines):
+            name, wnid = (re.split(r"[,\s]+", line) + [""])[:2]
+            if number == 0 and wnid not in self.class_to_idx:  # a header such as "ImageId,PredictionString"
+                continue
+            by_stem[Path(name).stem] = self._label_of(wnid, labels_file)
+        missing = [path.name for path in files if path.stem not in by_stem]
+        if missing:
+            raise ValueError(f"{labels_file} has no label for {len(missing)} images in {split_dir}, e.g. {missing[0]}")
+        return [(path, by_stem[path.stem]) for path in files]
+
+
+    def _label_of(self, wnid: str, labels_file: Path) -> int:
+        if wnid not in self.class_to_idx:
+            raise ValueError(f"{labels_file}: {wnid!r} is not one of the {len(self.classes)} classes")
+        return self.class_to_idx[wnid]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        Path(e.path) for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read {path}: {err.strerror}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _read_synsets(path: Path) -> list[str]:
+    """Line i (0-based) -> the wnid of ILSVRC2012 id i + 1: the first token of each line."""
+    return [line.split()[0] for line in _read_lines(path)]
+
+
+def _synset_of(ilsvrc_id: str, synset_order: list[str]) -> str:
+    """The wnid of a 1-based ILSVRC2012 id; an id outside the synsets list becomes a name no class has."""
+    number = int(ilsvrc_id) if ilsvrc_id.isdigit() else 0
+    return synset_order[number - 1] if 1 <= number <= len(synset_order) else f"ILSVRC2012 id {ilsvrc_id}"
+
+
+def _class_names(root: Path, split_dir: Path, synset_order: list[str] | None) -> list[str]:
+    if names := _subfolders(root / "train"):
+        return names
+    if synset_order is not None:
+        return sorted(set(synset_order))
+    if names := _subfolders(split_dir):
+        return names
+    raise FileNotFoundError(f"no class folders in {root / 'train'} or {split_dir}; pass synsets= to name the classes")
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir()) if folder.is_dir() else []

@@ -1,0 +1,175 @@
+"""Loader throughput on ONE core, single process: is the data pipeline fast enough to feed the model?
+
+Generates SSv2-sized clips (427x240 VP9 .webm, 12 fps, 30-60 frames: a pan and zoom over photos with a moving
+digit) and ImageNet-sized JPEGs (about 500x375), then measures, each for ``--seconds``:
+
+- clip decodes/s: our reader, the paper's 16 frames from a random 2.7 s window (and the torchcodec backend,
+  when it is usable here);
+- naive decodes/s: every frame decoded to RGB with PyAV, then 16 of them picked (the baseline);
+- replicated video samples/s: one decode + 4 crops + 4 masks through :class:`VideoFolder`;
+- images/s: JPEG decode + RandomResizedCrop + flip + normalise (the ImageNet pretraining transform).
+
+Rates are given per second of wall time and per second of CPU time of this process: on a shared machine the
+second one is what one dedicated core would do. Run ``python -m omnimae_pl.data.loader_bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from omnimae_pl.data.demo import _digits, _paste, _photo, _sprite, write_webm
+from omnimae_pl.data.image_transforms import RandomResizedCropFlip
+from omnimae_pl.data.seeding import sample_generator
+from omnimae_pl.data.video_datasets import VideoFolder
+from omnimae_pl.data.video_io import (
+    PyAVReader,
+    TorchCodecReader,
+    clip_times,
+    frames_shown_at,
+    torchcodec_available,
+)
+from omnimae_pl.masking import VIDEO_MASKING
+
+TARGETS = {"clip_decodes": 40.0, "replicated_samples": 60.0, "images": 400.0, "speedup_vs_naive": 1.3}
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+BENCH_VERSION = 1
+
+
+def make_bench_files(folder: Path, num_clips: int = 24, num_images: int = 64, seed: int = 0) -> tuple[list, list]:
+    """Write (or reuse) the clips under ``folder/clips/bench`` and the JPEGs under ``folder/images``."""
+    clip_dir, image_dir = folder / "clips" / "bench", folder / "images"
+    marker = folder / "bench.json"
+    config = {"version": BENCH_VERSION, "clips": num_clips, "images": num_images, "seed": seed}
+    if not (marker.is_file() and json.loads(marker.read_text()) == config):
+        clip_dir.mkdir(parents=True, exist_ok=True)
+        image_dir.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(seed)
+        photos = [_photo(name) for name in PHOTOS]
+        digits, _ = _digits()
+        for n in range(num_clips):
+            frames = _panning_clip(photos[n % len(photos)], digits[n], int(rng.integers(30, 61)), rng)
+            write_webm(clip_dir / f"{n:03d}.webm", frames)
+        for n in range(num_images):
+            photo = Image.fromarray(photos[n % len(photos)])
+            width, height = (500, 375) if n % 3 else (375, 500)
+            left, top = int(rng.integers(0, 40)), int(rng.integers(0, 40))
+            box = (left, top, left + photo.width * 3 // 4, top + photo.height * 3 // 4)
+            photo.resize((width, height), Image.BICUBIC, box=box).save(image_dir / f"{n:03d}.JPEG", quality=90)
+        marker.write_text(json.dumps(config))
+    return sorted(clip_dir.glob("*.webm")), sorted(image_dir.glob("*.JPEG"))
+
+
+def _panning_clip(photo: np.ndarray, digit: np.ndarray, n_frames: int, rng: np.random.Generator) -> np.ndarray:
+    """427x240 frames: a slow pan and zoom over ``photo`` (camera motion) with a digit sliding across it."""
+    height, width = 240, 427
+    frames = np.empty((n_frames, height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(photo)
+    x0, y0 = rng.uniform(0, 0.2) * image.width, rng.uniform(0, 0.2) * image.height
+    colour = rng.uniform(120, 255, size=3)
+    sprite = _sprite(digit, 96, colour)
+    for i in range(n_frames):
+        p = i / max(n_frames - 1, 1)
+        crop_w = image.width * (0.75 - 0.1 * p)
+        crop_h = crop_w * height / width
+        left, top = x0 + 0.05 * image.width * p, y0 + 0.05 * image.height * p
+        view = image.resize((width, height), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+        frames[i] = _paste(np.asarray(view), sprite, int(-96 + (width + 96) * p), 70)
+    return frames
+
+
+def naive_read_clip(path: Path, generator: torch.Generator, num_frames: int = 16, clip_duration: float = 2.7):
+    """Baseline: decode every frame of the file to RGB, then take the ``num_frames`` of a random window."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+        frames, times = [], []
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(frame.time)
+    duration = times[-1] - times[0] + 1.0 / float(stream.average_rate)
+    position = float(torch.rand((), generator=generator))
+    targets = [times[0] + t for t in clip_times(duration, clip_duration, [position], num_frames)[0]]
+    return torch.from_numpy(np.stack([frames[i] for i in frames_shown_at(times, targets)]))
+
+
+def measure(step: Callable[[int], int], seconds: float) -> dict[str, float]:
+    """Call ``step(i)`` (returns the number of items it produced) for about ``seconds``; items per second."""
+    step(0)  # warm-up: first-call allocations and imports
+    items, calls = 0, 0
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall0 < seconds:
+        items += step(calls + 1)
+        calls += 1
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {"items": items, "per_s_wall": items / wall, "per_s_cpu": items / max(cpu, 1e-9)}
+
+
+def run(folder: Path, seconds: float) -> dict[str, dict[str, float]]:
+    torch.set_num_threads(1)
+    clips, images = make_bench_files(folder)
+    readers = {"clip_decodes": PyAVReader()}
+    if torchcodec_available():
+        readers["torchcodec_decodes"] = TorchCodecReader()
+    results = {}
+    for name, reader in readers.items():
+        results[name] = measure(
+            lambda i, r=reader: _one(r.read_clip(clips[i % len(clips)], 16, 2.7, sample_generator(0, 0, i, "w"))),
+            seconds,
+        )
+    results["naive_decodes"] = measure(
+        lambda i: _one(naive_read_clip(clips[i % len(clips)], sample_generator(0, 0, i, "w"))), seconds
+    )
+    dataset = VideoFolder(folder / "clips", masking=VIDEO_MASKING, replicas=4)
+    results["replicated_samples"] = measure(lambda i: len(dataset[(i % len(dataset), i)]), seconds)
+    transform = RandomResizedCropFlip()
+    results["images"] = measure(
+        lambda i: _one(transform(Image.open(images[i % len(images)]), sample_generator(0, 0, i, "crop"))), seconds
+    )
+    return results
+
+
+def _one(_: torch.Tensor) -> int:
+    return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Data loader throughput on one core.")
+    parser.add_argument("--out-dir", help="folder for the generated clips and JPEGs (reused); default: a temp dir")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
+    args = parser.parse_args(argv)
+    load = os.getloadavg()
+    if args.out_dir:
+        results = run(Path(args.out_dir), args.seconds)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = run(Path(tmp), args.seconds)
+    speedups = {
+        clock: results["clip_decodes"][clock] / results["naive_decodes"][clock] for clock in ("per_s_wall", "per_s_cpu")
+    }
+    print(f"load average before: {load[0]:.1f} (1 min); one core, single process (torch threads 1)")
+    print(f"{'':28s} {'/s (wall)':>10s} {'/s (cpu)':>10s} {'target':>8s}")
+    for name, rates in results.items():
+        target = TARGETS.get(name)
+        print(
+            f"{name:28s} {rates['per_s_wall']:10.1f} {rates['per_s_cpu']:10.1f} "
+            f"{'' if target is None else f'{target:8.0f}'}"
+        )
+    print(
+        f"{'speedup_vs_naive':28s} {speedups['per_s_wall']:10.2f} {speedups['per_s_cpu']:10.2f} "
+        f"{TARGETS['speedup_vs_naive']:8.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Parameter groups (no weight decay on biases and norms, optional layer-wise lr decay) and the per-step
+warm-up + cosine schedules of the official recipes."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+LAYER_DECAY_RULES = ("official", "mae")
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases and every norm parameter are 1-D; the mask token (1, D) and all weights are decayed."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for the patch embedding, i + 1 for encoder block i, depth + 1 for everything after (norms, heads)."""
+    if ".patch_embed." in f".{name}" or name.endswith("pos_embed"):
+        return 0
+    match = re.search(r"(?:^|\.)encoder\.blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return depth + 1
+
+
+def layer_scale(layer: int, depth: int, decay: float, rule: str = "official") -> float:
+    """lr multiplier of a layer. The official rule gives every group one extra factor of ``decay`` compared
+    with MAE's (the head gets ``decay``, not 1), so the two train at different speeds for the same lr."""
+    if rule not in LAYER_DECAY_RULES:
+        raise ValueError(f"unknown layer_decay_rule {rule!r}; choose one of {LAYER_DECAY_RULES}")
+    top = depth + 2 if rule == "official" else depth + 1
+    return decay ** (top - layer)
+
+
+def param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    layer_decay: float | None = None,
+    depth: int | None = None,
+    rule: str = "official",
+) -> list[dict]:
+    """Named AdamW groups with an ``lr_scale`` each; names show in LearningRateMonitor."""
+    if layer_decay is not None and depth is None:
+        raise ValueError("layer_decay needs the encoder depth")
+    groups: dict[str, dict] = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        decay = not no_weight_decay(name, p)
+        scale, key = 1.0, "decay" if decay else "no_decay"
+        if layer_decay is not None:
+            layer = layer_id(name, depth)
+            scale = layer_scale(layer, depth, layer_decay, rule)
+            key = f"layer_{layer}_{key}"
+        group = groups.setdefault(
+            key, {"name": key, "params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        )
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def warmup_cosine(
+    step: int,
+    total_steps: int,
+    warmup_fraction: float,
+    start_factor: float = 0.0,
+    end_factor: float = 0.0,
+    rebase_cosine: bool = True,
+) -> float:
+    """lr / peak at ``step``: linear warm-up from ``start_factor`` over the first ``warmup_fraction``, then
+    cosine to ``end_factor``. With ``rebase_cosine=False`` (the official pretraining schedule) the cosine is
+    evaluated on the global fraction of training, not restarted after warm-up, so lr jumps to about 0.994 x
+    peak at the end of a 5 % warm-up and reaches ``end_factor`` at the last step."""
+    where = min(step / max(total_steps, 1), 1.0)
+    if where < warmup_fraction:
+        return start_factor + (1.0 - start_factor) * where / warmup_fraction
+    if rebase_cosine:
+        where = (where - warmup_fraction) / max(1.0 - warmup_fraction, 1e-12)
+    return end_factor + (1.0 - end_factor) * 0.5 * (1.0 + math.cos(math.pi * where))

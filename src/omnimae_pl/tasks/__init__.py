@@ -1,0 +1,1 @@
+"""LightningModules: loop logic only (no file formats, no model internals)."""

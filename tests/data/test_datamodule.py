@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+from video_helpers import write_test_video
+
+from omnimae_pl.data.datamodule import ClassificationDataModule, OmniMAEDataModule, SourceConfig
+from omnimae_pl.data.image_transforms import ResizeCenterCrop
+from omnimae_pl.data.interleave import ModalityInterleaver
+from omnimae_pl.masking import MaskingConfig
+
+SMALL = {"img_size": 32, "num_frames": 4, "clip_duration": 0.5, "short_side": 36, "num_workers": 0, "pin_memory": False}
+
+
+@pytest.fixture
+def video_root(tmp_path: Path) -> Path:
+    """``<root>/{train,val}/<class>/*.webm``: 2 classes, 4 train and 1 val video each."""
+    root = tmp_path / "videos"
+    for split, count in (("train", 4), ("val", 1)):
+        for label in ("push", "pull"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                write_test_video(root / split / label / f"{i}.webm", num_frames=8, width=48, height=40)
+    return root
+
+
+def _pretraining(image_root: Path, video_root: Path, **kwargs) -> OmniMAEDataModule:
+    sources = [
+        SourceConfig("imagenet", str(image_root), name="in1k", val_split="val"),
+        SourceConfig("video_folder", str(video_root), name="clips", val_split="val"),
+    ]
+    options = {
+        **SMALL, "image_batch_size": 4, "video_batch_size": 4, "replicas": 2,
+        "image_masking": MaskingConfig("random", 0.75), "video_masking": MaskingConfig("random", 0.75), **kwargs,
+    }
+    return OmniMAEDataModule(sources, **options)
+
+
+def test_pretraining_batches_steps_and_fixed_validation(clean_imagenet_root: Path, video_root: Path) -> None:
+    dm = _pretraining(clean_imagenet_root, video_root)
+    assert dm.num_classes == {"image": 3, "video": 2}
+    assert dm.batch_sizes() == {"image": 4, "video": 4}
+    assert (dm.img_size, dm.num_frames, dm.patch_size) == (32, 4, (2, 16, 16))
+    dm.setup("fit")
+    assert dm.steps_per_epoch() == 24 // 4 + (8 // 2) // 2
+    assert dm.steps_per_epoch(world_size=2) == 24 // 8 + (8 // 4) // 2
+    train = dm.train_dataloader()
+    assert isinstance(train, ModalityInterleaver) and len(train) == dm.steps_per_epoch()
+    shapes = {b["modality"]: (tuple(b["input"].shape), tuple(b["mask"].shape), b["source"]) for b in train}
+    assert shapes == {
+        "image": ((4, 3, 32, 32), (4, 1, 2, 2), "in1k"),
+        "video": ((4, 3, 4, 32, 32), (4, 2, 2, 2), "clips"),  # 2 clips x 2 replicas
+    }
+    runs = [[(b["modality"], b["mask"]) for loader in dm.val_dataloader() for b in loader] for _ in range(2)]
+    assert [m for m, _ in runs[0]] == ["image", "image", "image", "video"]  # 12 images in 4s, then 2 clips
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*runs))  # the same masks every time
+
+
+def test_data_parallel_layout_comes_from_the_strategy(clean_imagenet_root: Path, video_root: Path) -> None:
+    dm = _pretraining(clean_imagenet_root, video_root, val_samples=6)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1}))
+    train = dm.train_dataloader()
+    assert (train.sampler.rank, train.sampler.world_size) == (1, 2)
+    assert len(train) == dm.steps_per_epoch(2, 1)
+    image_val = dm.val_dataloader()[0]
+    assert len(image_val.sampler) == 3  # 6 evenly spaced images, split over 2 ranks
+
+
+def test_setup_errors_name_the_path(tmp_path: Path, clean_imagenet_root: Path) -> None:
+    missing = tmp_path / "no_imagenet"
+    dm = OmniMAEDataModule([SourceConfig("imagenet", str(missing))], **SMALL)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        dm.setup("fit")
+    annotations = tmp_path / "ssv2_labels"
+    annotations.mkdir()
+    (tmp_path / "ssv2_videos").mkdir()
+    dm = OmniMAEDataModule(
+        [SourceConfig("ssv2", str(tmp_path / "ssv2_videos"), annotations=str(annotations))], replicas=2, **SMALL
+    )
+    with pytest.raises(FileNotFoundError, match=str(annotations / "something-something-v2-labels.json")):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match="needs annotations"):
+        SourceConfig("ssv2", "/videos")
+    with pytest.raises(ValueError, match="unknown source kind 'kinetics'"):
+        SourceConfig("kinetics", "/videos")
+    with pytest.raises(ValueError, match="multiple of replicas"):
+        OmniMAEDataModule([SourceConfig("imagenet", str(clean_imagenet_root))], video_batch_size=6, replicas=4)
+
+
+def test_classification_datamodule(clean_imagenet_root: Path) -> None:
+    source = SourceConfig("imagenet", str(clean_imagenet_root), val_split="val", test_split="val")
+    dm = ClassificationDataModule(source, batch_size=4, train_transform=ResizeCenterCrop(32), **SMALL)
+    assert dm.num_classes == 3 and dm.modality == "image"
+    dm.setup("fit")
+    assert dm.steps_per_epoch() == 6 and dm.steps_per_epoch(world_size=2) == 3
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 6 and "mask" not in batches[0]
+    assert all(b["input"].shape == (4, 3, 32, 32) for b in batches)
+    # the train_transform hook replaced the random crop: the same image gives the same pixels in any epoch
+    dataset = dm.train_dataloader().sources[0].dataset
+    assert torch.equal(dataset[(0, 0)]["input"], dataset[(0, 5)]["input"])
+    val = list(dm.val_dataloader())
+    assert sum(len(b["index"]) for b in val) == 12 and all(b["modality"] == "image" for b in val)
+    assert ClassificationDataModule(SourceConfig("imagenet", str(clean_imagenet_root))).test_dataloader() == []
+
+
+def test_arguments_parse_from_yaml(tmp_path: Path) -> None:
+    parser = ArgumentParser()
+    parser.add_class_arguments(OmniMAEDataModule, "data")
+    cfg = parser.parse_string(
+        """
+data:
+  sources:
+    - {kind: imagenet, root: /data/imagenet, name: in1k, val_split: val}
+    - {kind: ssv2, root: /data/ssv2/videos, annotations: /data/ssv2/labels, val_split: validation, weight: 0.5}
+  video_batch_size: 16
+  image_masking: {mask_type: random, ratio: 0.75}
+  patch_size: [2, 16, 16]
+"""
+    )
+    init = parser.instantiate_classes(cfg).data
+    assert init.sources[1] == SourceConfig(
+        "ssv2", "/data/ssv2/videos", name="ssv2", annotations="/data/ssv2/labels", val_split="validation", weight=0.5
+    )
+    assert init.masking == {"image": MaskingConfig("random", 0.75), "video": MaskingConfig("random", 0.95)}
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ClassificationDataModule, "data")
+    cfg = parser.parse_string(
+        json.dumps(
+            {
+                "data": {
+                    "source": {"kind": "imagenet", "root": "/data/imagenet", "val_split": "val"},
+                    "train_transform": {
+                        "class_path": "omnimae_pl.data.image_transforms.ResizeCenterCrop",
+                        "init_args": {"size": 32},
+                    },
+                }
+            }
+        )
+    )
+    assert parser.instantiate_classes(cfg).data.train_transform == ResizeCenterCrop(32)

@@ -1,0 +1,103 @@
+"""The demo corpus: real layouts and the official SSv2 schema, deterministic, reused, and loadable."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import pytest
+from PIL import Image
+
+from omnimae_pl.data import demo
+from omnimae_pl.data.demo import MOTIONS, build_demo_data
+from omnimae_pl.data.video_datasets import SSv2
+from omnimae_pl.data.video_io import PyAVReader
+
+SMALL = dict(train_images_per_class=3, val_images_per_class=1, num_videos=12, video_size=(64, 48))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    return root, build_demo_data(root, **SMALL)
+
+
+def test_imagenet_layout_with_real_world_oddities(built):
+    _, paths = built
+    wnids = sorted(p.name for p in paths["imagenet_train"].iterdir())
+    assert wnids == [f"n{k:08d}" for k in range(14)]
+    assert sorted(p.name for p in paths["imagenet_val"].iterdir()) == wnids
+    train = sorted(paths["imagenet_train"].glob("*/*.JPEG"))
+    assert len(train) == 14 * 3 and len(list(paths["imagenet_val"].glob("*/*.JPEG"))) == 14
+    kinds = {(Image.open(p).format, Image.open(p).mode) for p in train}
+    assert {("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB"), ("JPEG", "RGB")} <= kinds
+    assert all(64 <= s <= 96 for p in train for s in Image.open(p).size)
+
+
+def test_ssv2_files_follow_the_official_schema(built):
+    _, paths = built
+    labels = json.loads(paths["ssv2_labels"].read_text())
+    assert labels == {t.replace("[", "").replace("]", ""): str(i) for i, t in enumerate(MOTIONS)}
+    train, validation = (json.loads(paths[f"ssv2_{s}"].read_text()) for s in ("train", "validation"))
+    test = json.loads(paths["ssv2_test"].read_text())
+    for entry in train + validation:
+        assert set(entry) == {"id", "label", "template", "placeholders"}
+        assert entry["label"] == entry["template"].replace("[something]", entry["placeholders"][0])
+        assert entry["template"].replace("[", "").replace("]", "") in labels
+    assert all(set(entry) == {"id"} for entry in test)
+    ids = [e["id"] for e in train + validation + test]
+    assert len(ids) == len(set(ids)) == 12
+    assert sorted(p.stem for p in paths["ssv2_videos"].glob("*.webm")) == sorted(ids)
+
+
+def test_videos_decode_at_12_fps_for_2_to_4_seconds(built):
+    _, paths = built
+    reader = PyAVReader()
+    for video in sorted(paths["ssv2_videos"].glob("*.webm"))[:4]:
+        clip = reader.read_clip(video, num_frames=4)
+        assert clip.shape == (4, 48, 64, 3)
+        with av.open(str(video)) as container:
+            frames = sum(1 for _ in container.decode(video=0))
+        assert 24 <= frames <= 48
+
+
+def test_ssv2_dataset_loads_the_demo(built):
+    _, paths = built
+    dataset = SSv2(paths["ssv2"], paths["ssv2_videos"], "train", num_frames=4, crop_size=32, short_side=48)
+    assert dataset.num_classes == len(MOTIONS) and len(dataset) == int(12 * 0.7)
+    assert all(bool(dataset[i]["valid"]) for i in range(len(dataset)))
+
+
+def test_second_call_reuses_and_other_arguments_rebuild(built):
+    root, paths = built
+    stamp = paths["ssv2_labels"].stat().st_mtime_ns
+    assert build_demo_data(root, **SMALL) == paths
+    assert paths["ssv2_labels"].stat().st_mtime_ns == stamp
+    rebuilt = build_demo_data(root, **{**SMALL, "num_videos": 8})
+    assert len(list(rebuilt["ssv2_videos"].glob("*.webm"))) == 8
+    build_demo_data(root, **SMALL)  # back, for the other tests of this module
+
+
+def test_same_seed_same_bytes(built, tmp_path):
+    root, paths = built
+    again = build_demo_data(tmp_path, **SMALL)
+    for key in ("ssv2_train", "ssv2_test"):
+        assert again[key].read_bytes() == paths[key].read_bytes()
+    for name in ("1.webm", "2.webm"):
+        assert (again["ssv2_videos"] / name).read_bytes() == (paths["ssv2_videos"] / name).read_bytes()
+    first_image = sorted(paths["imagenet_val"].glob("*/*.JPEG"))[0]
+    assert (again["imagenet"] / first_image.relative_to(paths["imagenet"])).read_bytes() == first_image.read_bytes()
+
+
+def test_refuses_to_overwrite_folders_it_did_not_make(tmp_path):
+    (tmp_path / "imagenet").mkdir()
+    with pytest.raises(FileExistsError, match="imagenet"):
+        build_demo_data(tmp_path, **SMALL)
+
+
+def test_command_line_prints_the_paths(built, capsys):
+    root, paths = built
+    demo.main(["--root", str(root), "--train-images-per-class", "3", "--val-images-per-class", "1",
+               "--num-videos", "12", "--video-width", "64", "--video-height", "48"])
+    out = capsys.readouterr().out
+    assert f"ssv2_videos: {paths['ssv2_videos']}" in out and f"imagenet_train: {paths['imagenet_train']}" in out
