@@ -3,4 +3,25 @@
 from omnimae_pl.models import OmniMAE, OmniViTClassifier, load_official, omnimae_classifier, omnimae_pretrain
 
 __version__ = "0.1.0"
-__all__ = ["OmniMAE", "OmniViTClassifier", "load_official", "omnimae_classifier", "omnimae_pretrain"]
+__all__ = [
+    "OmniMAE",
+    "OmniMAEFinetune",
+    "OmniMAEPretrain",
+    "OmniViTClassifier",
+    "load_official",
+    "omnimae_classifier",
+    "omnimae_pretrain",
+]
+
+
+def __getattr__(name: str):
+    # The Lightning modules load lazily, so `import omnimae_pl` for the model alone stays light.
+    if name == "OmniMAEPretrain":
+        from omnimae_pl.tasks.pretrain import OmniMAEPretrain
+
+        return OmniMAEPretrain
+    if name == "OmniMAEFinetune":
+        from omnimae_pl.tasks.finetune import OmniMAEFinetune
+
+        return OmniMAEFinetune
+    raise AttributeError(f"module 'omnimae_pl' has no attribute {name!r}")
