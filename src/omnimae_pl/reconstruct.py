@@ -2,7 +2,8 @@
 
 For every input, mask type and mask ratio: a PNG (images: one row of views; videos: a frame strip) and, for
 videos, a GIF and an MP4 of the views side by side; ``index.json`` lists them all with each reconstruction's
-masked-patch loss, and ``index.html`` shows them in a browser. The views are those of :mod:`omnimae_pl.viz`.
+masked-patch loss, and ``index.html`` shows them in a browser. With ``--image-grid``, also one figure of all the
+image inputs per mask type and ratio (``write_image_grid``). The views are those of :mod:`omnimae_pl.viz`.
 
 The checkpoint is a released OmniMAE pretraining file or a Lightning checkpoint of our pretraining module.
 """
@@ -188,6 +189,48 @@ def _reconstruct_one(
     }
 
 
+def write_image_grid(
+    model: OmniMAE,
+    inputs: Sequence[Input],
+    path: str | PathLike,
+    mask_ratio: float = 0.9,
+    mask_type: str = "random",
+    seed: int = 0,
+) -> Path:
+    """Every image of ``inputs`` in one figure, one row of views each, under one mask: a compact picture (the
+    README's). Each image's mask is the one ``write_reconstructions`` draws for it (a generator seeded with
+    ``seed`` per input); each row is labelled with its file name and masked-patch loss. Returns ``path``."""
+    img_size, num_frames = model_layout(model)
+    device = next(model.parameters()).device
+    rows, labels = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for i, source in enumerate(inputs):
+            x = load_input(source, img_size, num_frames).to(device).unsqueeze(0)
+            if x.ndim != 4:
+                raise ValueError(f"write_image_grid takes images only; {source} is a video")
+            grid = token_grid(tuple(x.shape[1:]), model.patch_size)
+            mask = make_mask(grid, mask_ratio, mask_type, torch.Generator().manual_seed(seed)).unsqueeze(0)
+            with torch.no_grad():
+                pred = model(x, mask.to(device))
+                loss = masked_mse(pred, norm_pix_targets(x, model.patch_size), mask.flatten(1).to(device)).item()
+            rows.append(reconstruction_views(pred, x, mask, model.patch_size))
+            name = f"{i:02d}_tensor" if isinstance(source, torch.Tensor) else Path(source).stem
+            labels.append(f"{name}, loss {loss:.3f}")
+    finally:
+        model.train(was_training)
+    views = {key: torch.cat([row[key] for row in rows]) for key in VIEW_KEYS}
+    title = (
+        f"{len(rows)} images, {mask_type} masking, ratio {mask_ratio:g} ({int(mask.sum())}/{mask.numel()} patches "
+        "hidden); per-row masked-patch loss"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    views_grid(views, row_labels=labels, suptitle=title).savefig(path, dpi=100)
+    return path
+
+
 def _index_html(entries: list[dict]) -> str:
     legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(VIEW_TITLES[k])}</li>" for k in VIEW_KEYS)
     body = []
@@ -219,11 +262,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=float, default=4.0, help="frame rate of the GIF / MP4 outputs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--image-grid",
+        action="store_true",
+        help="also draw all image inputs in one figure per mask type and ratio: image_grid_<type>_<percent>.png",
+    )
     args = parser.parse_args(argv)
     model = load_model(args.checkpoint).to(args.device)
     index = write_reconstructions(
         model, args.inputs, args.out_dir, args.mask_ratios, args.mask_types, args.seed, args.fps
     )
+    images = [p for p in args.inputs if Path(p).suffix.lower() not in VIDEO_SUFFIXES]
+    if args.image_grid and images:
+        for mask_type in args.mask_types:
+            for ratio in args.mask_ratios:
+                name = f"image_grid_{mask_type}_{round(ratio * 100)}.png"
+                print(write_image_grid(model, images, Path(args.out_dir) / name, ratio, mask_type, args.seed))
     print(index)
     return index
 

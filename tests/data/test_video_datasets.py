@@ -114,7 +114,7 @@ def test_replicas_share_one_decode_but_not_crop_or_mask(ssv2_dir):
 def test_draws_follow_seed_epoch_and_index(ssv2_dir):
     dataset = ssv2(ssv2_dir, masking=MASKING, replicas=2)
     a, b = dataset[(2, 5)], ssv2(ssv2_dir, masking=MASKING, replicas=2)[(2, 5)]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x["input"], y["input"]) and torch.equal(x["mask"], y["mask"])
     other_epoch = dataset[(2, 6)]
     assert not torch.equal(a[0]["input"], other_epoch[0]["input"])
@@ -129,7 +129,7 @@ def test_evaluation_views_are_fixed(ssv2_dir):
     views = dataset[(0, 1)]
     assert len(views) == 6 and all(v["input"].shape == (3, 4, 32, 32) for v in views)
     assert not torch.equal(views[0]["input"], views[1]["input"])  # left vs centre crop
-    for x, y in zip(views, dataset[(0, 7)]):
+    for x, y in zip(views, dataset[(0, 7)], strict=True):
         assert torch.equal(x["input"], y["input"]) and torch.equal(x["mask"], y["mask"])
 
 

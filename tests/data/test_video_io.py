@@ -45,7 +45,7 @@ def test_frames_are_evenly_spaced_in_time_for_any_fps(tmp_path, fps, num_frames,
     positions = [0.0, 0.3141, 1.0]
     clips = PyAVReader().read_windows(path, positions, 16, CLIP)
     assert clips.shape == (3, 16, 48, 64, 3) and clips.dtype == torch.uint8
-    for clip, position in zip(clips, positions):
+    for clip, position in zip(clips, positions, strict=True):
         assert read_frame_numbers(clip) == expected_numbers(path, fps, position)
 
 

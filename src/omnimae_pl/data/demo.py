@@ -52,7 +52,7 @@ def build_demo_data(
 
     Keys: imagenet, imagenet_train, imagenet_val, ssv2 (the annotation folder), ssv2_videos, ssv2_labels,
     ssv2_train, ssv2_validation, ssv2_test. ``num_videos`` splits 70/15/15 into train/validation/test;
-    ``video_size`` is (width, height).
+    ``video_size`` is (width, height). Call it from one process (e.g. ``prepare_data``), not from every rank.
     """
     root = Path(root)
     paths = demo_paths(root)
@@ -87,6 +87,7 @@ def build_demo_data(
 
 
 def demo_paths(root: str | Path) -> dict[str, Path]:
+    """Where :func:`build_demo_data` puts each part under ``root`` (nothing is checked or written)."""
     root = Path(root)
     ssv2 = root / "ssv2"
     return {
@@ -109,15 +110,17 @@ def _read_marker(marker: Path) -> dict | None:
 # ---------------------------------------------------------------- pictures
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits as uint8 (N, 8, 8) images, and their labels."""
+    from sklearn.datasets import load_digits  # the optional [demo] extra, so imported on use
 
     digits = load_digits()
     return (digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target
 
 
-def _photo(name: str) -> np.ndarray:
-    import skimage.data
+def photo(name: str) -> np.ndarray:
+    """A photo shipped with scikit-image, as uint8 RGB (H, W, 3)."""
+    import skimage.data  # the optional [demo] extra, so imported on use
 
     image = getattr(skimage.data, name)()
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
@@ -146,13 +149,13 @@ def _bright_colour(rng: np.random.Generator) -> np.ndarray:
     return colour
 
 
-def _sprite(digit: np.ndarray, side: int, colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def digit_sprite(digit: np.ndarray, side: int, colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """An upscaled digit as (colour image, alpha), both (side, side, ...) floats."""
     alpha = np.asarray(Image.fromarray(digit).resize((side, side), Image.BICUBIC), dtype=np.float32) / 255.0
     return np.broadcast_to(colour, (side, side, 3)).astype(np.float32), alpha[..., None]
 
 
-def _paste(canvas: np.ndarray, sprite: tuple[np.ndarray, np.ndarray], x: int, y: int) -> np.ndarray:
+def paste(canvas: np.ndarray, sprite: tuple[np.ndarray, np.ndarray], x: int, y: int) -> np.ndarray:
     """Alpha-blend ``sprite`` with its top-left corner at (x, y), clipped to the canvas."""
     colour, alpha = sprite
     h, w = canvas.shape[:2]
@@ -167,9 +170,9 @@ def _paste(canvas: np.ndarray, sprite: tuple[np.ndarray, np.ndarray], x: int, y:
 
 
 def _write_imagenet(root: Path, n_train: int, n_val: int, rng: np.random.Generator) -> None:
-    images, labels = _digits()
-    textures = [_photo(name) for name in TEXTURES]
-    photos = [_photo(name) for name in PHOTOS]
+    images, labels = digit_images()
+    textures = [photo(name) for name in TEXTURES]
+    photos = [photo(name) for name in PHOTOS]
     wnids = [f"n{k:08d}" for k in range(10 + len(PHOTOS))]
     val_number = 0
     for k, wnid in enumerate(wnids):
@@ -184,7 +187,7 @@ def _write_imagenet(root: Path, n_train: int, n_val: int, rng: np.random.Generat
                     picture = _background(textures, size, rng)
                     side = int(min(size) * rng.uniform(0.55, 0.9))
                     x, y = rng.integers(0, size[0] - side + 1), rng.integers(0, size[1] - side + 1)
-                    picture = _paste(picture, _sprite(digit, side, _bright_colour(rng)), x, y)
+                    picture = paste(picture, digit_sprite(digit, side, _bright_colour(rng)), x, y)
                 else:
                     picture = _random_crop(photos[k - 10], size, rng, 0.25)
                 if split == "train":
@@ -227,10 +230,10 @@ def _motion_frames(
         sides = small + (large - small) * (progress if "towards" in template else 1 - progress)
         cx, cy = rng.uniform(0.35, 0.65) * w, rng.uniform(0.4, 0.6) * h
         for i, side in enumerate(sides.astype(int)):
-            sprite = _sprite(digit, side, colour)
-            frames[i] = _paste(background, sprite, int(cx - side / 2), int(cy - side / 2))
+            sprite = digit_sprite(digit, side, colour)
+            frames[i] = paste(background, sprite, int(cx - side / 2), int(cy - side / 2))
         return frames
-    sprite = _sprite(digit, base, colour)
+    sprite = digit_sprite(digit, base, colour)
     if "left" in template:
         a, b = -base * 0.3, w - base * 0.7
         xs = a + (b - a) * (progress if template.endswith("to right") else 1 - progress)
@@ -240,7 +243,7 @@ def _motion_frames(
         ys = a + (b - a) * (1 - progress if template.endswith("up") else progress)
         xs = np.full(n_frames, rng.uniform(0, w - base))
     for i in range(n_frames):
-        frames[i] = _paste(background, sprite, int(xs[i]), int(ys[i]))
+        frames[i] = paste(background, sprite, int(xs[i]), int(ys[i]))
     return frames
 
 
@@ -260,8 +263,8 @@ def write_webm(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
 
 
 def _write_ssv2(root: Path, num_videos: int, size: tuple[int, int], rng: np.random.Generator) -> None:
-    images, labels = _digits()
-    textures = [_photo(name) for name in TEXTURES]
+    images, labels = digit_images()
+    textures = [photo(name) for name in TEXTURES]
     videos = root / "videos"
     videos.mkdir(parents=True)
     plain = [t.replace("[", "").replace("]", "") for t in MOTIONS]

@@ -10,8 +10,10 @@ A dataset item is a dict (or, for replicated video, a list of such dicts, one pe
 
 A collated batch has the same keys with a leading batch axis, plus
 
-    modality  "image" or "video" (str): every batch holds a single modality
-    source    the name of the dataset it came from (str)
+    modality     "image" or "video" (str): every batch holds a single modality
+    source       the name of the dataset it came from (str)
+    num_visible  visible tokens per sample (int, with masks only): read here on the CPU so that the
+                 training step never reads it back from the device
 """
 
 from __future__ import annotations
@@ -33,4 +35,6 @@ def collate_samples(items: list, modality: str, source: str) -> dict:
     batch = {k: torch.stack([torch.as_tensor(s[k]) for s in flat]) for k in SAMPLE_KEYS if k in flat[0]}
     batch["modality"] = modality
     batch["source"] = source
+    if "mask" in batch:
+        batch["num_visible"] = int((~batch["mask"][0]).sum())
     return batch

@@ -54,14 +54,14 @@ def normalise(video: torch.Tensor) -> torch.Tensor:
     video = video.as_subclass(torch.Tensor)
     frames, _, height, width = video.shape
     out = torch.empty((3, frames, height, width))
-    for channel, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
+    for channel, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)):
         out[channel].copy_(video[:, channel]).mul_(1.0 / (255.0 * std)).sub_(mean / std)
     return out
 
 
 def grey_clip(num_frames: int, size: int) -> torch.Tensor:
     """A normalised mid-grey (0.5) clip (3, T, size, size): the input of placeholder samples."""
-    value = torch.tensor([(0.5 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1, 1)
+    value = torch.tensor([(0.5 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]).view(3, 1, 1, 1)
     return value.expand(3, num_frames, size, size).clone()
 
 

@@ -26,10 +26,15 @@ class OmniMAE(nn.Module):
         self.patch_size = encoder.patch_size
 
     def forward_encoder(
-        self, x: torch.Tensor, mask: torch.Tensor, use_checkpoint: bool | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        use_checkpoint: bool | None = None,
+        num_visible: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode the visible tokens only: (latent (B, N_vis, D), their raster indices (B, N_vis))."""
-        ids = visible_indices(flatten_mask(mask))
+        """Encode the visible tokens only: (latent (B, N_vis, D), their raster indices (B, N_vis)).
+        ``num_visible``, when known, spares a read of the mask from the device."""
+        ids = visible_indices(flatten_mask(mask), num_visible)
         return self.encoder.forward_features(x, ids, use_checkpoint), ids
 
     def forward_decoder(
@@ -38,9 +43,13 @@ class OmniMAE(nn.Module):
         return self.decoder(latent, ids, grid_size(x, self.patch_size), x.ndim == 4, use_checkpoint)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, use_checkpoint: bool | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        use_checkpoint: bool | None = None,
+        num_visible: int | None = None,
     ) -> torch.Tensor:
-        latent, ids = self.forward_encoder(x, mask, use_checkpoint)
+        latent, ids = self.forward_encoder(x, mask, use_checkpoint, num_visible)
         return self.forward_decoder(latent, ids, x, use_checkpoint)
 
     def forward_target(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ so images and videos share one Conv3d and one token order, index = t * H'W' + h 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -53,7 +54,12 @@ def unpatchify(
 
 
 class TubeletEmbed(nn.Module):
-    """Conv3d over (t, h, w) tubelets; 4-D images are repeated to one tubelet first."""
+    """Conv3d over (t, h, w) tubelets; 4-D images are repeated to one tubelet first.
+
+    The parameters are a Conv3d's (checkpoint keys ``proj.weight`` / ``proj.bias``), but since kernel = stride
+    the forward runs as one matmul over flattened tubelets: cuDNN's bf16 Conv3d picks a slow implicit-GEMM
+    kernel for this shape (4.5 ms forward + 2.2 ms backward per ViT-B step on an H100; see docs/benchmarks.md).
+    """
 
     def __init__(self, patch_size: PatchSize = (2, 16, 16), in_chans: int = 3, embed_dim: int = 768) -> None:
         super().__init__()
@@ -61,5 +67,11 @@ class TubeletEmbed(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(to_video(x, self.patch_size[0]))
-        return x.flatten(2).transpose(1, 2)  # (B, N, D), N in (t, h, w) raster order
+        pt, ph, pw = self.patch_size
+        x = to_video(x, pt)
+        b, c, t, h, w = x.shape
+        t, h, w = t // pt, h // ph, w // pw  # as the conv: a remainder that fills no tubelet is dropped
+        x = x[:, :, : t * pt, : h * ph, : w * pw].reshape(b, c, t, pt, h, ph, w, pw)
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, t * h * w, c * pt * ph * pw)  # (c, t, h, w) as the weight
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)
+        return F.linear(x, weight, self.proj.bias)  # (B, N, D), N in (t, h, w) raster order

@@ -10,17 +10,20 @@ def flatten_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape(mask.shape[0], -1).bool()
 
 
-def visible_indices(mask: torch.Tensor) -> torch.Tensor:
+def visible_indices(mask: torch.Tensor, num_visible: int | None = None) -> torch.Tensor:
     """(B, N) mask -> (B, N_vis) indices of the visible tokens in increasing (raster) order.
 
-    Every row must hide the same number of tokens (fixed-count masking); one host read checks that and
-    fixes N_vis, which keeps all later shapes static for a given modality.
+    Every row must hide the same number of tokens (fixed-count masking). When the caller knows N_vis
+    (batches carry it from the CPU-side collate) nothing is read from the device; otherwise one host read
+    checks the counts and fixes N_vis. Either way later shapes are static for a given modality.
     """
+    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # visible (0) first, order kept
+    if num_visible is not None:
+        return order[:, :num_visible]
     counts = mask.sum(dim=1)
     lo, hi = torch.stack([counts.min(), counts.max()]).tolist()
     if lo != hi:
         raise ValueError(f"every sample must mask the same number of tokens; got counts from {lo} to {hi}")
-    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # visible (0) first, order kept
     return order[:, : mask.shape[1] - lo]
 
 
