@@ -22,8 +22,13 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -q tests
 
-demo: install
-	$(BIN)/omnimae-cli demo
+DEMO_DATA ?= .cache/demo_data
 
+# Builds the demo data (reused when present), then pretrains the tiny model on it on the CPU.
+demo: install
+	$(BIN)/python -m omnimae_pl.data.demo --root $(DEMO_DATA)
+	$(BIN)/omnimae-cli fit --config configs/demo.yaml
+
+# Removes the environment and build files; runs/ (checkpoints, logs) and .cache/ (demo data) are kept.
 clean:
-	rm -rf $(VENV) build dist .pytest_cache src/*.egg-info demo_runs
+	rm -rf $(VENV) build dist .pytest_cache src/*.egg-info
