@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecision
 
 
@@ -26,4 +26,20 @@ class MixedPrecisionFSDPStrategy(FSDPStrategy):
         dtypes = [getattr(torch, name, None) for name in (param_dtype, reduce_dtype, buffer_dtype)]
         if not all(isinstance(d, torch.dtype) for d in dtypes):
             raise ValueError(f"unknown torch dtype among {param_dtype!r}, {reduce_dtype!r}, {buffer_dtype!r}")
-        super().__init__(mixed_precision=MixedPrecision(*dtypes), **kwargs)
+        # LayerNorms stay fp32 (FSDP wraps them apart): autocast runs layer_norm in fp32 and would otherwise
+        # meet bf16 weights.
+        precision = MixedPrecision(*dtypes, _module_classes_to_ignore=(torch.nn.LayerNorm,))
+        super().__init__(mixed_precision=precision, **kwargs)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (``fully_shard``) over every process: ModelParallelStrategy with a data-parallel mesh as wide as
+    the world and no tensor parallelism ("auto" would make data parallelism span nodes only). The
+    LightningModule's ``configure_model`` does the sharding."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()

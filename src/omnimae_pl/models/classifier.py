@@ -31,7 +31,7 @@ class OmniViTClassifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) pooled and normed features."""
-        return self.fc_norm(self.encoder.forward_features(x).mean(dim=1))
+        return self.fc_norm(self.encoder(x).mean(dim=1))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(features))

@@ -94,7 +94,16 @@ class VisionTransformerEncoder(nn.Module):
         ckpt = self.grad_checkpointing if use_checkpoint is None else use_checkpoint
         return self.norm(run_blocks(self.blocks, tokens, ckpt and self.training))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Features of the visible tokens; ``mask`` is (B, N) or (B, T', H', W') bool, True = masked."""
-        ids = None if mask is None else visible_indices(flatten_mask(mask))
-        return self.forward_features(x, ids)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        ids_visible: torch.Tensor | None = None,
+        use_checkpoint: bool | None = None,
+    ) -> torch.Tensor:
+        """Features of the visible tokens: ``mask`` is (B, N) or (B, T', H', W') bool, True = masked, or
+        ``ids_visible`` gives their indices directly. Callers go through here (not ``forward_features``) so
+        that module hooks, e.g. FSDP2's parameter gathering, run."""
+        if ids_visible is None and mask is not None:
+            ids_visible = visible_indices(flatten_mask(mask))
+        return self.forward_features(x, ids_visible, use_checkpoint)

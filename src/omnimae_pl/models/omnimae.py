@@ -35,7 +35,7 @@ class OmniMAE(nn.Module):
         """Encode the visible tokens only: (latent (B, N_vis, D), their raster indices (B, N_vis)).
         ``num_visible``, when known, spares a read of the mask from the device."""
         ids = visible_indices(flatten_mask(mask), num_visible)
-        return self.encoder.forward_features(x, ids, use_checkpoint), ids
+        return self.encoder(x, ids_visible=ids, use_checkpoint=use_checkpoint), ids
 
     def forward_decoder(
         self, latent: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, use_checkpoint: bool | None = None

@@ -16,15 +16,15 @@ MODALITIES = ("image", "video")
 
 
 def shard_fsdp2(module: LightningModule, mesh) -> None:
-    """FSDP2 under ModelParallelStrategy: one unit per transformer block, then the remaining parameters."""
+    """FSDP2 under ModelParallelStrategy: one unit per transformer block, then the encoder, the decoder and
+    each probe, the modules the step calls (never the LightningModule itself)."""
     from torch.distributed.fsdp import fully_shard
 
     model = module.model
     for block in [*model.encoder.blocks, *model.decoder.blocks]:
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)  # an inner module: fully_shard must not wrap the LightningModule
-    if len(module.probes):
-        fully_shard(module.probes, mesh=mesh)
+    for part in [model.encoder, model.decoder, *module.probes.values()]:
+        fully_shard(part, mesh=mesh)
 
 
 class OmniMAEPretrain(LightningModule):
