@@ -173,7 +173,7 @@ class OmniMAEFinetune(LightningModule):
             fully_shard(self.model, mesh=mesh)  # an inner module, never the LightningModule
             self._sharded = True
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.model.encoder.forward_features = torch.compile(self.model.encoder.forward_features)
+            self.model.encoder.forward_features = torch.compile(self.model.encoder.forward_features, dynamic=False)
             self._compiled = True
 
     def train(self, mode: bool = True):
