@@ -186,7 +186,7 @@ class OmniMAEFinetune(LightningModule):
         """Logits (B, num_classes) of images (B, 3, H, W) or clips (B, 3, T, H, W)."""
         if self.hparams.freeze_encoder:
             with torch.no_grad():
-                pooled = self.model.encoder.forward_features(x).mean(dim=1)
+                pooled = self.model.encoder(x).mean(dim=1)
             return self.model.forward_head(self.model.fc_norm(pooled))
         return self.model(x)
 
