@@ -252,7 +252,7 @@ def time_loop(step, batches, ckpt: bool, steps: int, warmup: int, repeats: int, 
     """Warm up, then ``repeats`` windows of ``steps`` steps; returns (median seconds per step, last loss)."""
     acc = None
     for i in range(warmup):
-        loss = step(*batches[i % len(batches)], ckpt)
+        step(*batches[i % len(batches)], ckpt)
     _sync(device)
     graphs_after_warmup = _unique_graphs()
     times = []
@@ -604,7 +604,7 @@ def tempfile_dir() -> str:
 
 def bench_end_to_end(args, device, precision, peak, state, flops, log) -> list[dict]:
     """Loaders (workers, pinned memory, non-blocking copies) + the modality interleave + the same step."""
-    model, opt, loss_fn = state["model"], state["opt"], state["loss_fn"]
+    opt, loss_fn = state["opt"], state["loss_fn"]
     fn = loss_fn._compiled or loss_fn.eager
     step = train_step_fn(fn, opt, device, precision)
     b = {m: args.batches[m][0] for m in ("image", "video")}

@@ -37,6 +37,12 @@ class ModalitySpeedMonitor(Callback):
         self.window = window
         self._reset(time.perf_counter())
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._reset(time.perf_counter())  # start-up and the previous epoch's tail do not count
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._reset(time.perf_counter())  # nor does time spent validating
+
     def _reset(self, now: float) -> None:
         self._start = now
         self._samples: dict[str, int] = {}

@@ -28,8 +28,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from omnimae_pl.data.image_transforms import ImageTransform, RandomResizedCropFlip, ResizeCenterCrop
+from omnimae_pl.data.sample import make_sample
 from omnimae_pl.data.seeding import sample_generator, split_key
-from omnimae_pl.masking import MaskingConfig, token_grid
+from omnimae_pl.masking import MaskingConfig
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -122,16 +123,8 @@ class ImageNet(Dataset):
             # corrupt headers and chunks.
             pixels = torch.zeros(3, self.img_size, self.img_size)  # the mean image once normalised
             valid = False
-        sample = {
-            "input": pixels,
-            "label": torch.tensor(label, dtype=torch.int64),
-            "valid": torch.tensor(valid),
-            "index": torch.tensor(index, dtype=torch.int64),
-        }
-        if self.masking is not None:
-            grid = token_grid(tuple(pixels.shape), self.patch_size)
-            sample["mask"] = self.masking(grid, sample_generator(self.seed, epoch, index, "mask"))
-        return sample
+        mask_generator = sample_generator(self.seed, epoch, index, "mask") if self.masking is not None else None
+        return make_sample(pixels, label, valid, index, self.masking, self.patch_size, mask_generator)
 
     def _list_samples(
         self, split_dir: Path, val_labels: str | os.PathLike | None, synset_order: list[str] | None

@@ -21,10 +21,32 @@ from __future__ import annotations
 import torch
 
 from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
+from omnimae_pl.masking import MaskingConfig, token_grid
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SAMPLE_KEYS", "collate_samples"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SAMPLE_KEYS", "collate_samples", "make_sample"]
 
 SAMPLE_KEYS = ("input", "mask", "label", "valid", "index")
+
+
+def make_sample(
+    x: torch.Tensor,
+    label: int,
+    valid: bool,
+    index: int,
+    masking: MaskingConfig | None = None,
+    patch_size: tuple[int, int, int] | None = None,
+    mask_generator: torch.Generator | None = None,
+) -> dict:
+    """One sample dict; with ``masking``, a mask over the token grid of ``x`` drawn from ``mask_generator``."""
+    sample = {
+        "input": x,
+        "label": torch.tensor(label, dtype=torch.int64),
+        "valid": torch.tensor(valid),
+        "index": torch.tensor(index, dtype=torch.int64),
+    }
+    if masking is not None:
+        sample["mask"] = masking(token_grid(tuple(x.shape), patch_size), mask_generator)
+    return sample
 
 
 def collate_samples(items: list, modality: str, source: str) -> dict:

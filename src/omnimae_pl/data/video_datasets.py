@@ -20,10 +20,11 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
+from omnimae_pl.data.sample import make_sample
 from omnimae_pl.data.seeding import sample_generator, split_key
 from omnimae_pl.data.video_io import VideoDecodeError, make_reader
 from omnimae_pl.data.video_transforms import VideoEvalTransform, VideoTrainTransform, grey_clip
-from omnimae_pl.masking import MaskingConfig, token_grid
+from omnimae_pl.masking import MaskingConfig
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv")
 Sample = dict[str, torch.Tensor]
@@ -132,16 +133,8 @@ class VideoClipDataset(Dataset):
         return [grey_clip(self.num_frames, self.crop_size) for _ in range(self.views_per_item)]
 
     def _sample(self, x: torch.Tensor, label: int, valid: bool, index: int, epoch: int, view: int) -> Sample:
-        sample = {
-            "input": x,
-            "label": torch.tensor(label, dtype=torch.long),
-            "valid": torch.tensor(valid),
-            "index": torch.tensor(index, dtype=torch.long),
-        }
-        if self.masking is not None:
-            grid = token_grid(tuple(x.shape), self.patch_size)
-            sample["mask"] = self.masking(grid, sample_generator(self.seed, epoch, index, "mask", view))
-        return sample
+        mask_generator = sample_generator(self.seed, epoch, index, "mask", view) if self.masking is not None else None
+        return make_sample(x, label, valid, index, self.masking, self.patch_size, mask_generator)
 
 
 def _read_json(path: Path) -> object:
