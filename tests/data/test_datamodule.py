@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from jsonargparse import ArgumentParser
@@ -107,6 +108,23 @@ def test_classification_datamodule(clean_imagenet_root: Path) -> None:
     val = list(dm.val_dataloader())
     assert sum(len(b["index"]) for b in val) == 12 and all(b["modality"] == "image" for b in val)
     assert ClassificationDataModule(SourceConfig("imagenet", str(clean_imagenet_root))).test_dataloader() == []
+
+
+def test_classification_train_fraction(clean_imagenet_root: Path, video_root: Path) -> None:
+    source = SourceConfig("imagenet", str(clean_imagenet_root), val_split="val")
+    dm = ClassificationDataModule(source, batch_size=2, train_fraction=0.25, **SMALL)
+    dm.setup("fit")
+    train = dm.train_dataloader().sources[0].dataset
+    assert len(train) == 6 and np.bincount(train.labels).tolist() == [2, 2, 2]
+    assert len(dm.val_dataloader().dataset) == 12  # evaluation keeps every item
+    assert dm.steps_per_epoch() == 3
+    videos = ClassificationDataModule(
+        SourceConfig("video_folder", str(video_root)), batch_size=2, train_fraction=0.5, **SMALL
+    )
+    videos.setup("fit")
+    assert sorted(videos.train_dataloader().sources[0].dataset.labels) == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="train_fraction"):
+        ClassificationDataModule(source, train_fraction=0.0)
 
 
 def test_arguments_parse_from_yaml(tmp_path: Path) -> None:

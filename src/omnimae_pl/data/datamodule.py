@@ -35,11 +35,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from omnimae_pl.data.bad_samples import BadSampleTracker
 from omnimae_pl.data.imagenet import ImageNet
 from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, Source
+from omnimae_pl.data.label_fraction import stratified_indices
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.video_datasets import SSv2, VideoFolder
 from omnimae_pl.masking import IMAGE_MASKING, VIDEO_MASKING, MaskingConfig
@@ -133,8 +135,10 @@ class _SourcesDataModule(LightningDataModule):
         crop_ratio: float = 1.0,
         transform: Callable | None = None,
         eval_views: tuple[int, int, int | None] = (1, 1, None),
+        fraction: float | None = None,
     ) -> Dataset:
-        """The dataset of one source and split, built once. ``eval_views``: video (clips, crops, short side)."""
+        """The dataset of one source and split, built once. ``eval_views``: video (clips, crops, short side);
+        ``fraction``: keep a class-balanced share of the items (``label_fraction``)."""
         key = (cfg.name, split)
         if key in self._datasets:
             return self._datasets[key]
@@ -159,6 +163,11 @@ class _SourcesDataModule(LightningDataModule):
                 dataset = VideoFolder(Path(cfg.root) / split, **options)
             if train and transform is not None:
                 dataset.train_transform = transform  # the video datasets' augmentation hook
+        if fraction is not None:
+            total = len(dataset)
+            dataset.keep(stratified_indices(dataset.labels, fraction, self.seed))
+            rank_zero_info(f"{cfg.name}/{split}: training on {len(dataset)} of {total} labelled items "
+                           f"(train_fraction {fraction}, class-balanced, seed {self.seed})")
         self._datasets[key] = dataset
         return dataset
 
@@ -362,6 +371,8 @@ class ClassificationDataModule(_SourcesDataModule):
         eval_num_clips, eval_num_crops, eval_short_side: video evaluation views per video (SSv2 protocol: 5,
             3, 224; rows of a batch sharing ``index`` are views of one video); ``eval_short_side`` defaults to
             ``short_side``.
+        train_fraction: train on this class-balanced share of the training split (e.g. 0.01 for "1 % of the
+            labels"; at least one item per class), the same items for every run with the same ``seed``.
         other arguments: as in ``OmniMAEDataModule``.
     """
 
@@ -381,6 +392,7 @@ class ClassificationDataModule(_SourcesDataModule):
         eval_num_clips: int = 1,
         eval_num_crops: int = 1,
         eval_short_side: int | None = None,
+        train_fraction: float | None = None,
         num_workers: int = 8,
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -401,6 +413,9 @@ class ClassificationDataModule(_SourcesDataModule):
         self.image_scale = tuple(image_scale)
         self.crop_ratio = crop_ratio
         self.eval_views = (eval_num_clips, eval_num_crops, eval_short_side)
+        if train_fraction is not None and not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        self.train_fraction = train_fraction
 
     @property
     def modality(self) -> str:
@@ -448,7 +463,7 @@ class ClassificationDataModule(_SourcesDataModule):
         train = split == self.source.split
         return self._dataset(
             self.source, split, train, None, 1, self.image_scale, self.crop_ratio,
-            self.train_transform, self.eval_views,
+            self.train_transform, self.eval_views, self.train_fraction if train else None,
         )
 
     def _stage_loader(self, split: str | None) -> DataLoader | list:

@@ -104,6 +104,10 @@ class ImageNet(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def keep(self, indices: np.ndarray) -> None:
+        """Restrict the dataset to ``indices`` (e.g. a labelled fraction), in their order."""
+        self.files, self.labels = self.files[indices], self.labels[indices]
+
     def set_epoch(self, epoch: int) -> None:
         """The epoch used for keys given as a bare index (the interleaver passes ``(index, epoch)`` instead)."""
         self.epoch = epoch

@@ -14,6 +14,7 @@ same) rather than an exception or a re-pick.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -90,6 +91,14 @@ class VideoClipDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.videos)
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.videos]
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Restrict the dataset to ``indices`` (e.g. a labelled fraction), in their order."""
+        self.videos = [self.videos[i] for i in indices]
 
     def describe(self, index: int) -> str:
         """The file behind ``index``, for error reports."""

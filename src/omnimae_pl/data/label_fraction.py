@@ -1,0 +1,25 @@
+"""A class-balanced fraction of a labelled training split, for low-label fine-tuning ("1 % / 10 % of the labels").
+
+The same (labels, fraction, seed) always keep the same items, so a pretrained and a from-scratch run (or two
+ranks) see the same labelled subset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def stratified_indices(labels: Sequence[int] | np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices keeping ``round(fraction * n_c)`` items (at least one) of every class ``c``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(fraction * len(members)))
+        keep.append(rng.permutation(members)[:count])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
