@@ -54,7 +54,7 @@ def unpatchify(
 
 
 class TubeletEmbed(nn.Module):
-    """Conv3d over (t, h, w) tubelets; 4-D images are repeated to one tubelet first.
+    """Conv3d over (t, h, w) tubelets; a 4-D image counts as one tubelet of repeated frames.
 
     The parameters are a Conv3d's (checkpoint keys ``proj.weight`` / ``proj.bias``), but since kernel = stride
     the forward runs as one matmul over flattened tubelets: cuDNN's bf16 Conv3d picks a slow implicit-GEMM
@@ -68,10 +68,16 @@ class TubeletEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pt, ph, pw = self.patch_size
-        x = to_video(x, pt)
+        weight = self.proj.weight  # (D, C, pt, ph, pw)
+        if x.ndim == 4 or x.shape[2] == 1:
+            # An image is pt identical frames, so the pt time taps see the same pixels: summing them first is the
+            # same conv at 1/pt of the FLOPs, with no repeated copy of the batch.
+            x = x if x.ndim == 5 else x.unsqueeze(2)
+            weight, pt = weight.sum(dim=2, keepdim=True), 1
+        elif x.ndim != 5:
+            raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W), got shape {tuple(x.shape)}")
         b, c, t, h, w = x.shape
         t, h, w = t // pt, h // ph, w // pw  # as the conv: a remainder that fills no tubelet is dropped
         x = x[:, :, : t * pt, : h * ph, : w * pw].reshape(b, c, t, pt, h, ph, w, pw)
         x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, t * h * w, c * pt * ph * pw)  # (c, t, h, w) as the weight
-        weight = self.proj.weight.reshape(self.proj.out_channels, -1)
-        return F.linear(x, weight, self.proj.bias)  # (B, N, D), N in (t, h, w) raster order
+        return F.linear(x, weight.reshape(weight.shape[0], -1), self.proj.bias)  # (B, N, D), (t, h, w) raster order
