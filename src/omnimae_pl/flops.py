@@ -2,7 +2,8 @@
 
 Counted: every matrix product, at 2 FLOPs per multiply-add.
 
-* patch embedding: the Conv3d over all N tubelets, ``2 N K D`` with ``K = 3 pt ph pw``;
+* patch embedding: the Conv3d over all N tubelets, ``2 N K D`` with ``K = 3 pt ph pw``; an image meets it with
+  its time taps summed (its pt frames are identical), ``2 N (K / pt) D``;
 * encoder blocks, on the ``n`` visible tokens only: qkv ``6 n D^2``, attention ``Q K^T`` and ``A V``
   ``2 n^2 D`` each, output projection ``2 n D^2``, MLP ``4 n D H`` (H = mlp_ratio D);
 * ``decoder_embed`` on all N tokens, ``2 N D Dd``; decoder blocks as above with N tokens and width Dd;
@@ -113,10 +114,11 @@ def forward_flops_breakdown(
     d = size_spec_or_model if isinstance(size_spec_or_model, FlopDims) else flop_dims(size_spec_or_model)
     n_all, n_vis = token_counts(d, modality, img_size, num_frames, mask_ratio)
     k = d.in_chans * math.prod(d.patch_size)
+    k_in = k // d.patch_size[0] if modality == "image" else k  # models.patch.TubeletEmbed folds an image's frames
     enc = _block_fwd(n_vis, d.embed_dim, d.mlp_hidden)
     dec = _block_fwd(n_all, d.decoder_embed_dim, d.decoder_mlp_hidden)
     return {
-        "patch_embed": 2 * n_all * k * d.embed_dim,
+        "patch_embed": 2 * n_all * k_in * d.embed_dim,
         "encoder_linear": d.depth * enc["linear"],
         "encoder_attention": d.depth * enc["attention"],
         "decoder_embed": 2 * n_all * d.embed_dim * d.decoder_embed_dim,
