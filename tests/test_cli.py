@@ -88,6 +88,7 @@ def test_fit_validate_test_and_resume(demo_root, tmp_path):
     first = cli("fit", "--config", demo, "--config", cfg)
     trainer = first.trainer
     assert trainer.global_step == 4
+    assert trainer.optimizers[0].defaults["fused"]  # fused AdamW on the CPU as well; resumed below
     logged = trainer.callback_metrics
     assert "train/loss" in logged
     # both modalities ran in 4 steps of this schedule, and were validated

@@ -3,7 +3,7 @@
 Run ``python -m omnimae_pl.bench --size base`` on a GPU (bf16 autocast), or
 ``python -m omnimae_pl.bench --size tiny --img-size 32 --num-frames 4`` on a CPU (fp32) as a smoke test.
 
-The timed step is a real pretraining step: autocast forward, fp32 loss, backward, fused AdamW (on CUDA),
+The timed step is a real pretraining step: autocast forward, fp32 loss, backward, fused AdamW (CUDA and CPU),
 ``zero_grad(set_to_none=True)``. Nothing reads the device inside the timed loop: losses are summed on the
 device and read once at the end. Model-only runs use synthetic batches that already sit on the device.
 
@@ -39,6 +39,7 @@ from omnimae_pl.flops import PAPER_MASK_RATIO, flop_dims, token_counts, training
 from omnimae_pl.losses import masked_mse, norm_pix_targets
 from omnimae_pl.masking import make_mask
 from omnimae_pl.models import model_size, omnimae_pretrain
+from omnimae_pl.optim import fused_adamw
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM (and H200: same tensor cores), dense bf16
 FIELDS = (
@@ -169,7 +170,7 @@ def make_optimizer(model: torch.nn.Module, device: torch.device, fused: bool | N
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))]
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
     if fused is None:
-        fused = device.type == "cuda"
+        fused = bool(fused_adamw(device))
     kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), **kwargs)
 

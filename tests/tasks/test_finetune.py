@@ -231,6 +231,7 @@ def test_image_finetuning_steps_on_jpegs(tmp_path):
     assert 0.0 <= m["val/acc1"] <= m["val/acc5"] <= 1.0 and math.isfinite(m["val/loss"])
     changed = _changed(before, module)
     assert "head.weight" in changed and "encoder.patch_embed.proj.weight" in changed
+    assert trainer.optimizers[0].defaults["fused"]  # one fused AdamW kernel on the CPU too
 
 
 def test_video_finetuning_steps_on_webm_and_fifteen_view_validation(tmp_path):

@@ -28,7 +28,7 @@ from omnimae_pl.data.multiview import average_logits_by_id, first_occurrence
 from omnimae_pl.data.seeding import sample_generator
 from omnimae_pl.data.video_augment import VideoMixup
 from omnimae_pl.models import OmniViTClassifier, omnimae_classifier
-from omnimae_pl.optim import LAYER_DECAY_RULES, param_groups, warmup_cosine
+from omnimae_pl.optim import LAYER_DECAY_RULES, fused_adamw, param_groups, warmup_cosine
 from omnimae_pl.tasks.init_from import InitReport, load_classifier_weights
 
 TOP_K = (1, 5)
@@ -327,8 +327,9 @@ class OmniMAEFinetune(LightningModule):
             f"{facts['steps_per_epoch']} steps per epoch, {facts['total_steps']} in the schedule; "
             f"layer decay {layer_decay} ({hp.layer_decay_rule} rule), {len(groups)} parameter groups"
         )
-        fused = True if self.device.type == "cuda" else None
-        optimizer = torch.optim.AdamW(groups, lr=peak, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        optimizer = torch.optim.AdamW(
+            groups, lr=peak, betas=tuple(hp.betas), eps=hp.eps, fused=fused_adamw(self.device)
+        )
         total, warm = facts["total_steps"], hp.warmup_fraction
         start, end = hp.warmup_start_lr / peak, hp.min_lr / peak
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -10,7 +10,7 @@ from torch import nn
 
 from omnimae_pl.callbacks import ModalitySpeedMonitor, WandbRunId
 from omnimae_pl.models import OmniMAE, omnimae_pretrain
-from omnimae_pl.optim import param_groups, warmup_cosine
+from omnimae_pl.optim import fused_adamw, param_groups, warmup_cosine
 
 MODALITIES = ("image", "video")
 
@@ -181,8 +181,9 @@ class OmniMAEPretrain(LightningModule):
                            "lr_scale": self.hparams.probe_lr / peak_lr})
         for g in groups:
             g["lr"] = peak_lr * g["lr_scale"]
-        fused = self.device.type == "cuda" or None
-        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(self.hparams.betas), fused=fused)
+        optimizer = torch.optim.AdamW(
+            groups, lr=peak_lr, betas=tuple(self.hparams.betas), fused=fused_adamw(self.device)
+        )
         total, warm = facts["total_steps"], self.hparams.warmup_fraction
         start = self.hparams.warmup_start_lr / peak_lr
         scheduler = torch.optim.lr_scheduler.LambdaLR(
