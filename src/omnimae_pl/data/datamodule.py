@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from omnimae_pl.data.bad_samples import BadSampleTracker
 from omnimae_pl.data.imagenet import ImageNet
 from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, Source
-from omnimae_pl.data.label_fraction import stratified_indices
+from omnimae_pl.data.label_fraction import check_fraction, stratified_indices
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.video_datasets import SSv2, VideoFolder
 from omnimae_pl.masking import IMAGE_MASKING, VIDEO_MASKING, MaskingConfig
@@ -413,8 +413,8 @@ class ClassificationDataModule(_SourcesDataModule):
         self.image_scale = tuple(image_scale)
         self.crop_ratio = crop_ratio
         self.eval_views = (eval_num_clips, eval_num_crops, eval_short_side)
-        if train_fraction is not None and not 0.0 < train_fraction <= 1.0:
-            raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        if train_fraction is not None:
+            check_fraction(train_fraction)  # at construction: a bad value fails before any dataset is listed
         self.train_fraction = train_fraction
 
     @property

@@ -11,10 +11,14 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def stratified_indices(labels: Sequence[int] | np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """Sorted indices keeping ``round(fraction * n_c)`` items (at least one) of every class ``c``."""
+def check_fraction(fraction: float) -> None:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+
+
+def stratified_indices(labels: Sequence[int] | np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices keeping ``round(fraction * n_c)`` items (at least one) of every class ``c``."""
+    check_fraction(fraction)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     keep = []
