@@ -30,6 +30,9 @@ def shard_fsdp2(module: LightningModule, mesh) -> None:
 class OmniMAEPretrain(LightningModule):
     """Pretrains :class:`~omnimae_pl.models.OmniMAE` on the interleaver's single-modality batches.
 
+    Validation and test log ``{stage}/loss_{modality}`` beside ``{stage}/loss_{modality}_baseline``, the loss of
+    predicting every hidden patch's mean on the same inputs and masks (a little under 1): the figure to beat.
+
     Args:
         size: named model size (tiny, small, base, large, huge).
         model_overrides: fields of the size to change, e.g. ``{depth: 2}``.
@@ -113,6 +116,12 @@ class OmniMAEPretrain(LightningModule):
                  add_dataloader_idx=False, sync_dist=not on_step)
         if stage == "train":
             self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bs)
+        else:
+            # What predicting every hidden patch's mean (zero in the normalised space) scores on the same inputs
+            # and masks: a loss that stays on it means the decoder has learnt nothing for this modality.
+            baseline = self.model.forward_loss(x, torch.zeros_like(pred), mask, valid)
+            self.log(f"{stage}/loss_{modality}_baseline", baseline, on_epoch=True, batch_size=bs,
+                     add_dataloader_idx=False, sync_dist=True)
         if valid is not None:
             self.log(f"data/invalid_{batch.get('source', modality)}", (~valid.bool()).sum().float(),
                      on_step=on_step, on_epoch=not on_step, reduce_fx="sum", batch_size=bs,

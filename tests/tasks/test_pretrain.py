@@ -1,0 +1,42 @@
+"""OmniMAEPretrain's evaluation metrics, on a tiny model and batches built by the data pipeline's own collate."""
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from omnimae_pl.data.sample import collate_samples, make_sample
+from omnimae_pl.losses import norm_pix_targets
+from omnimae_pl.masking import MaskingConfig
+from omnimae_pl.tasks.pretrain import OmniMAEPretrain
+
+PATCH = (2, 8, 8)
+
+
+def _batch(modality: str, n: int = 4) -> dict:
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 32, 32) if modality == "image" else (3, 4, 32, 32)
+    masking = MaskingConfig("random", 0.75)
+    # sample 1 is an invalid placeholder: flat, so its targets are zeros and counting it would lower the baseline
+    inputs = [torch.zeros(shape) if i == 1 else torch.randn(shape, generator=g) for i in range(n)]
+    samples = [make_sample(x, 0, i != 1, i, masking, PATCH, g) for i, x in enumerate(inputs)]
+    return collate_samples(samples, modality, modality)
+
+
+def test_validation_logs_the_mean_prediction_baseline():
+    torch.manual_seed(0)
+    module = OmniMAEPretrain(size="tiny", model_overrides={"depth": 1, "patch_size": PATCH}, img_size=32,
+                             num_frames=4, linear_probe=False)
+    batches = [_batch("image"), _batch("video")]
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    trainer.validate(module, DataLoader(batches, batch_size=None))
+    logged = trainer.callback_metrics
+    for batch in batches:
+        modality = batch["modality"]
+        # the loss of predicting zero: the squared normalised targets over the hidden patches of valid samples
+        # (a little under 1: the per-patch variance is unbiased)
+        hidden = batch["mask"].flatten(1) & batch["valid"].view(-1, 1)
+        expected = norm_pix_targets(batch["input"], PATCH).pow(2).mean(-1)[hidden].mean()
+        torch.testing.assert_close(logged[f"val/loss_{modality}_baseline"], expected)
+        # the untrained decoder's loss is its own, not the baseline's
+        assert abs(logged[f"val/loss_{modality}"] - expected) > 1e-3
