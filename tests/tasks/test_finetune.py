@@ -257,6 +257,27 @@ def test_video_finetuning_steps_on_webm_and_fifteen_view_validation(tmp_path):
     assert "encoder.blocks.1.mlp.fc2.weight" in _changed(before, module)
 
 
+def test_validation_interval_does_not_change_training(tmp_path):
+    """Validating every epoch or only at the end trains the same weights: no loader draws from the global RNG
+    that drop path and Mixup use (each new loader iterator used to take one draw from it)."""
+    root = _image_tree(tmp_path / "in")
+
+    def weights(every):
+        torch.manual_seed(0)
+        dm = ClassificationDataModule(
+            SourceConfig(kind="imagenet", root=str(root), val_split="val"), batch_size=4, eval_batch_size=3,
+            train_transform=ImageFinetuneTransform(size=32), img_size=32, num_workers=0, persistent_workers=False,
+            pin_memory=False,
+        )
+        module = OmniMAEFinetune(size="tiny", model_overrides=TINY, num_classes=dm.num_classes, img_size=32,
+                                 num_frames=16, drop_path_rate=0.5, warmup_fraction=0.3)
+        _trainer(max_epochs=3, check_val_every_n_epoch=every).fit(module, dm)
+        return module.model.state_dict()
+
+    every_epoch, at_end = weights(1), weights(3)
+    assert all(torch.equal(every_epoch[k], at_end[k]) for k in every_epoch)
+
+
 
 def test_our_finetuned_checkpoint_round_trip(tmp_path):
     module = _module()

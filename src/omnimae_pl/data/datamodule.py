@@ -43,6 +43,7 @@ from omnimae_pl.data.imagenet import ImageNet
 from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, Source
 from omnimae_pl.data.label_fraction import check_fraction, stratified_indices
 from omnimae_pl.data.sample import collate_samples
+from omnimae_pl.data.seeding import loader_generator
 from omnimae_pl.data.video_datasets import SSv2, VideoFolder
 from omnimae_pl.masking import IMAGE_MASKING, VIDEO_MASKING, MaskingConfig
 
@@ -209,7 +210,7 @@ class _SourcesDataModule(LightningDataModule):
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
             collate_fn=functools.partial(collate_samples, modality=cfg.modality, source=cfg.name),
-            **self._loader_options(workers),
+            generator=loader_generator(self.seed, "eval", cfg.name), **self._loader_options(workers),
         )
 
 

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from omnimae_pl.data.bad_samples import BadSampleTracker
 from omnimae_pl.data.sample import collate_samples
-from omnimae_pl.data.seeding import sample_generator
+from omnimae_pl.data.seeding import loader_generator, sample_generator
 
 
 @dataclass
@@ -180,6 +180,7 @@ class ModalityInterleaver:
                     persistent_workers=persistent_workers and workers > 0,
                     prefetch_factor=prefetch_factor if workers > 0 else None,
                     timeout=timeout if workers > 0 else 0.0,
+                    generator=loader_generator(seed, "train", source.name),
                 )
             )
 

@@ -15,6 +15,12 @@ def sample_generator(seed: int, epoch: int, index: int, *stream: int | str) -> t
     return g
 
 
+def loader_generator(seed: int, *stream: int | str) -> torch.Generator:
+    """A DataLoader's own generator. Without one, every new loader iterator takes its worker base seed from
+    torch's global generator, so how often validation runs would shift the drop path and Mixup draws of training."""
+    return sample_generator(seed, 0, 0, "loader", *stream)
+
+
 def split_key(key: int | tuple[int, int], default_epoch: int) -> tuple[int, int]:
     """Dataset keys are ``index`` or ``(index, epoch)``; the interleaver passes the epoch with every index
     so that persistent workers never depend on an attribute set in the main process."""
