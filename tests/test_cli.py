@@ -109,6 +109,48 @@ def test_fit_validate_test_and_resume(demo_root, tmp_path):
         assert out.trainer.state.finished
 
 
+def test_video_finetuning_through_the_cli_from_the_demo_pretraining(demo_root, tmp_path):
+    """configs/finetune/demo.yaml on the SSv2-format clips, starting from a checkpoint that configs/demo.yaml wrote;
+    then ``validate`` of the fine-tuned checkpoint gives back its weights."""
+    (tmp_path / "pre").mkdir()
+    demo = str(REPO / "configs" / "demo.yaml")
+    cli("fit", "--config", demo, "--config", str(run_config(demo_root, tmp_path / "pre", max_steps=2)))
+    layer = {
+        "model": {"init_args": {"model_overrides": {"depth": 2, "patch_size": [2, 8, 8]},
+                                "init_from": str(tmp_path / "pre" / "ckpt" / "last.ckpt")}},
+        "data": {"init_args": {
+            "source": {"name": "ssv2_demo", "kind": "ssv2", "root": str(demo_root / "ssv2" / "videos"),
+                       "annotations": str(demo_root / "ssv2"), "val_split": "validation"},
+            "batch_size": 4, "eval_batch_size": 4, "img_size": 32, "num_frames": 4, "short_side": 36,
+            "eval_num_clips": 2, "eval_num_crops": 3, "num_workers": 0, "persistent_workers": False,
+            "train_transform": {"class_path": "omnimae_pl.data.video_augment.VideoFinetuneTransform",
+                                "init_args": {"crop_size": 32, "short_side": 36, "scale": [0.4, 1.0],
+                                              "hflip_prob": 0.0, "rand_augment": None, "erase_prob": 0.0}},
+        }},
+        "trainer": {
+            "max_steps": 3, "max_epochs": None, "val_check_interval": 3, "limit_val_batches": 2,
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(tmp_path / "ft"), "save_last": True}}],
+        },
+    }
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(layer))
+    finetune = ["--config", str(REPO / "configs" / "finetune" / "demo.yaml"), "--config", str(tmp_path / "ft.yaml")]
+    fit = cli("fit", *finetune)
+    labels = yaml.safe_load((demo_root / "ssv2" / "something-something-v2-labels.json").read_text())
+    assert fit.trainer.global_step == 3
+    assert fit.model.hparams.num_classes == len(labels) and fit.model.hparams.num_frames == 4  # linked from data
+    assert "encoder.blocks.1.mlp.fc2.weight" in fit.model.init_report.taken
+    assert 0.0 <= float(fit.trainer.callback_metrics["val/acc1"]) <= float(fit.trainer.callback_metrics["val/acc5"])
+
+    # init_from null: only the checkpoint can bring back the pretrained-then-fine-tuned encoder
+    check = cli("validate", *finetune, "--model.init_from", "null", "--ckpt_path", str(tmp_path / "ft" / "last.ckpt"))
+    for name in ("encoder.blocks.1.mlp.fc2.weight", "head.weight"):
+        assert torch.equal(check.model.model.state_dict()[name], fit.model.model.state_dict()[name])
+    assert "val/acc1" in check.trainer.callback_metrics
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO)) for c in CONFIGS])
 def test_every_shipped_config_parses(config):
     layers = ["--config", str(config)]
