@@ -278,7 +278,6 @@ def test_validation_interval_does_not_change_training(tmp_path):
     assert all(torch.equal(every_epoch[k], at_end[k]) for k in every_epoch)
 
 
-
 def test_our_finetuned_checkpoint_round_trip(tmp_path):
     module = _module()
     _perturb(module.model, seed=3)
