@@ -10,10 +10,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
-from omnimae_pl.losses import norm_pix_targets
-from omnimae_pl.masking import make_mask
+from omnimae_pl.masking import make_mask, token_grid
 from omnimae_pl.models import omnimae_pretrain
-from omnimae_pl.models.patch import grid_size, patchify, unpatchify
+from omnimae_pl.models.losses import norm_pix_targets
+from omnimae_pl.models.patch import patchify, unpatchify
 from omnimae_pl.viz import (
     MASK_GREY,
     VIEW_KEYS,
@@ -48,7 +48,7 @@ def batch(kind: str) -> torch.Tensor:
 
 
 def masks(x: torch.Tensor, ratio: float = 0.75) -> torch.Tensor:
-    grid = grid_size(x, PATCH)
+    grid = token_grid(x.shape[1:], PATCH)
     g = torch.Generator().manual_seed(1)
     return torch.stack([make_mask(grid, ratio, "random", g) for _ in range(x.shape[0])])
 
@@ -64,7 +64,7 @@ def pixel_mask(mask: torch.Tensor, frames: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_unpatchify_inverts_patchify(kind):
     x = batch(kind)
-    grid = grid_size(x, PATCH)
+    grid = token_grid(x.shape[1:], PATCH)
     back = unpatchify(patchify(x, PATCH), PATCH, grid)
     expected = x.unsqueeze(2).expand(-1, -1, 2, -1, -1) if kind == "image" else x
     assert torch.equal(back, expected)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from omnimae_pl.flops import PAPER_MASK_RATIO, flop_dims, token_counts, training_flops_per_sample
-from omnimae_pl.losses import masked_mse, norm_pix_targets
+from omnimae_pl.models.losses import masked_mse, norm_pix_targets
 from omnimae_pl.masking import make_mask
 from omnimae_pl.models import model_size, omnimae_pretrain
 from omnimae_pl.optim import fused_adamw

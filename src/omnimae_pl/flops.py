@@ -28,10 +28,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from omnimae_pl.masking import num_masked
-
-PAPER_MASK_RATIO = {"image": 0.90, "video": 0.95}
-MODALITIES = ("image", "video")
+from omnimae_pl.masking import PAPER_MASK_RATIO, num_masked, token_grid
 
 
 @dataclass(frozen=True)
@@ -85,11 +82,10 @@ def token_counts(
     dims: FlopDims, modality: str, img_size: int = 224, num_frames: int = 16, mask_ratio: float | None = None
 ) -> tuple[int, int]:
     """(all tokens N, visible tokens n) of one sample; random masking with the paper's ratio by default."""
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    pt, ph, pw = dims.patch_size
-    t = 1 if modality == "image" else max(num_frames // pt, 1)
-    grid = (t, img_size // ph, img_size // pw)
+    if modality not in PAPER_MASK_RATIO:
+        raise ValueError(f"modality must be one of {tuple(PAPER_MASK_RATIO)}, got {modality!r}")
+    shape = (dims.in_chans, img_size, img_size) if modality == "image" else (dims.in_chans, num_frames, img_size, img_size)
+    grid = token_grid(shape, dims.patch_size)
     n_all = math.prod(grid)
     ratio = PAPER_MASK_RATIO[modality] if mask_ratio is None else mask_ratio
     return n_all, n_all - num_masked(grid, ratio, "random")

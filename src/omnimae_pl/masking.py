@@ -17,10 +17,14 @@ MASK_TYPES = ("random", "tube", "frame", "causal")
 Grid = tuple[int, int, int]
 
 
-def token_grid(
-    shape: tuple[int, ...], patch_size: tuple[int, int, int]
-) -> Grid:
-    """Token grid (T', H', W') of an input of shape (C, H, W) or (C, T, H, W); images are 2-frame clips."""
+# The paper's masking: 90 % of image tokens and 95 % of video tokens hidden.
+PAPER_MASK_RATIO = {"image": 0.90, "video": 0.95}
+
+
+def token_grid(shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> Grid:
+    """Token grid (T', H', W') of one sample of shape (C, H, W) or (C, T, H, W) (a batch: pass ``x.shape[1:]``).
+
+    An image is a 2-frame static clip, one tubelet deep; a remainder that fills no tubelet is dropped."""
     pt, ph, pw = patch_size
     if len(shape) == 3:
         t = pt  # an image is repeated to fill one tubelet
@@ -97,5 +101,5 @@ class MaskingConfig:
         return make_mask(grid, self.ratio, self.mask_type, generator)
 
 
-IMAGE_MASKING = MaskingConfig("random", 0.90)
-VIDEO_MASKING = MaskingConfig("random", 0.95)
+IMAGE_MASKING = MaskingConfig("random", PAPER_MASK_RATIO["image"])
+VIDEO_MASKING = MaskingConfig("random", PAPER_MASK_RATIO["video"])

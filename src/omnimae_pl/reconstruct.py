@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as F
 from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
 from omnimae_pl.data.image_transforms import ResizeCenterCrop
 from omnimae_pl.data.video_io import DEFAULT_CLIP_DURATION, PyAVReader
-from omnimae_pl.losses import masked_mse, norm_pix_targets
+from omnimae_pl.models.losses import masked_mse, norm_pix_targets
 from omnimae_pl.masking import MASK_TYPES, make_mask, token_grid
 from omnimae_pl.models import OmniMAE, load_official, omnimae_pretrain
 from omnimae_pl.viz import (

@@ -32,19 +32,18 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from einops import rearrange
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
-from omnimae_pl.models.patch import PatchSize, grid_size, unpatchify
+from omnimae_pl.masking import token_grid
+from omnimae_pl.models.losses import patch_pixels, patch_stats, to_pixels
+from omnimae_pl.models.patch import PatchSize, unpatchify
 from omnimae_pl.models.tokens import flatten_mask
 
 MASK_GREY = 0.5
 NORMALIZED_DISPLAY_RANGE = 2.5
-NORM_EPS = 1e-6  # the eps of losses.norm_pix_targets
 
 VIEW_KEYS = ("input", "masked_input", "pred_normalized", "target_normalized", "pred_denorm", "pasted")
 VIEW_TITLES = {
@@ -75,31 +74,7 @@ VIEW_LABELS = {
 
 def unnormalize(x: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised batch (B, 3, H, W) or (B, 3, T, H, W) -> pixels in [0, 1]."""
-    return _to_pixels(x.float()).clamp(0.0, 1.0)
-
-
-def _to_pixels(x: torch.Tensor) -> torch.Tensor:
-    # Written exactly as losses.norm_pix_targets does, so the statistics below match the loss bit for bit.
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    return x * x.new_tensor(IMAGENET_STD).view(shape) + x.new_tensor(IMAGENET_MEAN).view(shape)
-
-
-def patch_pixels(x: torch.Tensor, patch_size: PatchSize) -> torch.Tensor:
-    """Normalised input -> un-clamped pixels as patches (B, N, pt*ph*pw, 3), images repeated to pt frames,
-    laid out as the loss's targets: tokens in (t, h, w) raster order, voxels in (t, h, w) order, channel last."""
-    pt, ph, pw = patch_size
-    x = x.float()
-    if x.ndim == 4:
-        x = x.unsqueeze(2).expand(-1, -1, pt, -1, -1)
-    return rearrange(_to_pixels(x), "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw) c", pt=pt, ph=ph, pw=pw)
-
-
-def patch_stats(patches: torch.Tensor, eps: float = NORM_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch, per-channel (mean, sqrt(unbiased var + eps)), each (B, N, 1, 3): the statistics that
-    ``losses.norm_pix_targets`` divides out, so ``pred * std + mean`` inverts it."""
-    mean = patches.mean(dim=2, keepdim=True)
-    var = patches.var(dim=2, keepdim=True, unbiased=True)
-    return mean, torch.sqrt(var + eps)
+    return to_pixels(x).clamp(0.0, 1.0)
 
 
 def reconstruction_views(
@@ -123,7 +98,7 @@ def reconstruction_views(
     else:
         pred = model_or_pred
     x, pred = x.detach().float(), pred.detach().float()
-    grid = grid_size(x, patch_size)
+    grid = token_grid(x.shape[1:], patch_size)
     is_image = x.ndim == 4
 
     def to_clip(tokens: torch.Tensor) -> torch.Tensor:  # (B, N, P, 3) -> (B, 3, T, H, W); images: mean of frames

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from omnimae_pl.models import omnimae_classifier, omnimae_pretrain, patchify, unpatchify
-from omnimae_pl.models.patch import TubeletEmbed, grid_size, to_video
+from omnimae_pl.masking import token_grid
+from omnimae_pl.models.patch import TubeletEmbed, to_video
 from omnimae_pl.models.pos_embed import select_pos_embed, sinusoid_table
 
 PATCH = (2, 4, 4)
@@ -37,7 +38,7 @@ def test_patchify_round_trip_image_is_the_two_frame_repeat():
     x = torch.randn(2, 3, 8, 12)
     p = patchify(x, PATCH)
     assert p.shape == (2, 1 * 2 * 3, 96)
-    back = unpatchify(p, PATCH, grid_size(x, PATCH))
+    back = unpatchify(p, PATCH, token_grid(x.shape[1:], PATCH))
     assert back.shape == (2, 3, 2, 8, 12)
     assert torch.equal(back, x.unsqueeze(2).repeat(1, 1, 2, 1, 1))
 
@@ -159,7 +160,7 @@ def test_video_with_wrong_frame_count_is_a_clear_error(frames):
     video = torch.randn(1, 3, frames, 16, 16)
     with pytest.raises(ValueError, match="num_frames"):
         model.encoder(video)
-    n = grid_size(video, PATCH)
+    n = token_grid(video.shape[1:], PATCH)
     mask = torch.zeros(1, math.prod(n), dtype=torch.bool)
     with pytest.raises(ValueError, match="num_frames"):
         model(video, mask)

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from omnimae_pl.data.sample import collate_samples, make_sample
-from omnimae_pl.losses import norm_pix_targets
+from omnimae_pl.models.losses import norm_pix_targets
 from omnimae_pl.masking import MaskingConfig
 from omnimae_pl.tasks.pretrain import OmniMAEPretrain
 

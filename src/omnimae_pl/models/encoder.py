@@ -10,7 +10,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omnimae_pl.models.patch import PatchSize, TubeletEmbed, grid_size
+from omnimae_pl.masking import token_grid
+from omnimae_pl.models.patch import PatchSize, TubeletEmbed
 from omnimae_pl.models.pos_embed import select_pos_embed, sinusoid_table
 from omnimae_pl.models.tokens import flatten_mask, gather_tokens, visible_indices
 
@@ -59,8 +60,7 @@ class VisionTransformerEncoder(nn.Module):
         super().__init__()
         self.patch_size = tuple(patch_size)
         self.embed_dim = embed_dim
-        pt, ph, pw = self.patch_size
-        self.grid = (max(num_frames // pt, 1), img_size // ph, img_size // pw)
+        self.grid = token_grid((in_chans, num_frames, img_size, img_size), self.patch_size)
         self.patch_embed = TubeletEmbed(self.patch_size, in_chans, embed_dim)
         # Fixed buffer, saved in checkpoints as in the released files.
         self.register_buffer("pos_embed", sinusoid_table(math.prod(self.grid), embed_dim))
@@ -77,7 +77,7 @@ class VisionTransformerEncoder(nn.Module):
         self.grad_checkpointing = enable
 
     def pos_embed_for(self, x: torch.Tensor) -> torch.Tensor:
-        grid = grid_size(x, self.patch_size)
+        grid = token_grid(x.shape[1:], self.patch_size)
         return select_pos_embed(self.pos_embed, self.grid, grid, is_image=x.ndim == 4)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omnimae_pl.losses import masked_mse, norm_pix_targets
+from omnimae_pl.masking import token_grid
 from omnimae_pl.models.decoder import MAEDecoder
 from omnimae_pl.models.encoder import VisionTransformerEncoder
-from omnimae_pl.models.patch import grid_size
+from omnimae_pl.models.losses import masked_mse, norm_pix_targets
 from omnimae_pl.models.tokens import flatten_mask, visible_indices
 
 
@@ -40,7 +40,7 @@ class OmniMAE(nn.Module):
     def forward_decoder(
         self, latent: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, use_checkpoint: bool | None = None
     ) -> torch.Tensor:
-        return self.decoder(latent, ids, grid_size(x, self.patch_size), x.ndim == 4, use_checkpoint)
+        return self.decoder(latent, ids, token_grid(x.shape[1:], self.patch_size), x.ndim == 4, use_checkpoint)
 
     def forward(
         self,

@@ -1,4 +1,4 @@
-"""Tubelet patch embedding and the (t, h, w, c) patchify used by targets and visualisation.
+"""Tubelet patch embedding and the (t, h, w, c) patchify used by the loss targets and visualisation.
 
 An image is a 2-frame static clip: it is repeated (not zero-padded) along a new time axis to fill one tubelet,
 so images and videos share one Conv3d and one token order, index = t * H'W' + h * W' + w.
@@ -23,13 +23,6 @@ def to_video(x: torch.Tensor, t_patch: int) -> torch.Tensor:
             return x.expand(-1, -1, t_patch, -1, -1)
         return x
     raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W), got shape {tuple(x.shape)}")
-
-
-def grid_size(x: torch.Tensor, patch_size: PatchSize) -> tuple[int, int, int]:
-    """Token grid (T', H', W') of a 4-D image or 5-D clip batch."""
-    pt, ph, pw = patch_size
-    t = x.shape[2] if x.ndim == 5 else pt
-    return max(t // pt, 1), x.shape[-2] // ph, x.shape[-1] // pw
 
 
 def patchify(x: torch.Tensor, patch_size: PatchSize) -> torch.Tensor:

@@ -12,8 +12,6 @@ from omnimae_pl.callbacks import ModalitySpeedMonitor, WandbRunId
 from omnimae_pl.models import OmniMAE, omnimae_pretrain
 from omnimae_pl.optim import fused_adamw, param_groups, warmup_cosine
 
-MODALITIES = ("image", "video")
-
 
 def shard_fsdp2(module: LightningModule, mesh) -> None:
     """FSDP2 under ModelParallelStrategy: one unit per transformer block, then the encoder, the decoder and

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
-from omnimae_pl.losses import masked_mse, norm_pix_targets
+from omnimae_pl.models.losses import masked_mse, norm_pix_targets
 from omnimae_pl.models import omnimae_pretrain
 from omnimae_pl.models.patch import patchify
 
