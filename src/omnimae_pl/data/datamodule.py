@@ -427,6 +427,10 @@ class ClassificationDataModule(_SourcesDataModule):
         split = self.source.split or self.source.val_split or self.source.test_split
         return self._split_dataset(split).num_classes
 
+    def batch_sizes(self) -> dict[str, int]:
+        """Samples per device and step of the one modality."""
+        return {self.modality: self.batch_size}
+
     def steps_per_epoch(self, world_size: int = 1, rank: int = 0) -> int:
         dataset = self._split_dataset(self.source.split)
         sampler = InterleaveSampler(
