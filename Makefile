@@ -27,7 +27,7 @@ DEMO_DATA ?= .cache/demo_data
 # Builds the demo data (reused when present), then pretrains the tiny model on it on the CPU. One math thread
 # in the trainer: the loader workers need the other core (two threads each made steps 5x slower on 2 cores).
 demo: install
-	$(BIN)/python -m omnimae_pl.data.demo --root $(DEMO_DATA)
+	$(BIN)/omnimae-cli demo-data --root $(DEMO_DATA)
 	OMP_NUM_THREADS=1 $(BIN)/omnimae-cli fit --config configs/demo.yaml
 
 # Removes the environment and build files; runs/ (checkpoints, logs) and .cache/ (demo data) are kept.

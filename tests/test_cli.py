@@ -4,82 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_helpers import REPO, cli, run_config
 
-from omnimae_pl.cli import main, run_cli
-from omnimae_pl.data.demo import build_demo_data
+from omnimae_pl.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo_data")
-    build_demo_data(root, train_images_per_class=6, val_images_per_class=2, num_videos=40, video_size=(64, 48))
-    return root
-
-
-def run_config(demo_root: Path, tmp_path: Path, **trainer) -> Path:
-    """A config layered over configs/demo.yaml: test data, a tiny model, everything written under tmp_path."""
-    cfg = {
-        "model": {"init_args": {"model_overrides": {"depth": 2, "patch_size": [2, 8, 8]}, "max_epochs": None}},
-        "data": {
-            "init_args": {
-                "sources": [
-                    {"name": "imagenet_demo", "kind": "imagenet", "root": str(demo_root / "imagenet"),
-                     "val_split": "val"},
-                    {"name": "ssv2_demo", "kind": "ssv2", "root": str(demo_root / "ssv2" / "videos"),
-                     "annotations": str(demo_root / "ssv2"), "val_split": "validation", "test_split": "validation"},
-                ],
-                "image_batch_size": 8,
-                "video_batch_size": 8,
-                "replicas": 4,
-                "img_size": 32,
-                "num_frames": 4,
-                "short_side": 36,
-                "val_samples": 8,
-                "num_workers": 0,
-                "persistent_workers": False,
-            }
-        },
-        "trainer": {
-            "max_steps": 4,
-            "max_epochs": None,
-            "log_every_n_steps": 1,
-            "val_check_interval": 2,
-            "limit_val_batches": 1,
-            "limit_test_batches": 1,
-            "enable_progress_bar": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                       "init_args": {"project": "test", "save_dir": str(tmp_path), "offline": True}},
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "every_n_train_steps": 2,
-                               "save_top_k": -1, "filename": "step{step}"}},
-                {"class_path": "omnimae_pl.callbacks.ReconstructionLogger",
-                 "init_args": {"out_dir": str(tmp_path / "recon"), "every_n_steps": 2, "num_images": 2}},
-            ],
-            **trainer,
-        },
-    }
-    path = tmp_path / "test.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def cli(*args: str):
-    return run_cli(list(args))
-
-
-@pytest.fixture(autouse=True)
-def _wandb_quiet(monkeypatch):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_MODE", "offline")
 
 
 def test_fit_validate_test_and_resume(demo_root, tmp_path):
@@ -116,7 +49,7 @@ def test_video_finetuning_through_the_cli_from_the_demo_pretraining(demo_root, t
     demo = str(REPO / "configs" / "demo.yaml")
     cli("fit", "--config", demo, "--config", str(run_config(demo_root, tmp_path / "pre", max_steps=2)))
     layer = {
-        "model": {"init_args": {"model_overrides": {"depth": 2, "patch_size": [2, 8, 8]},
+        "model": {"init_args": {"model_overrides": {"depth": 2},
                                 "init_from": str(tmp_path / "pre" / "ckpt" / "last.ckpt")}},
         "data": {"init_args": {
             "source": {"name": "ssv2_demo", "kind": "ssv2", "root": str(demo_root / "ssv2" / "videos"),

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from omnimae_pl.models import omnimae_pretrain
-from omnimae_pl.reconstruct import load_model, load_pretrain_checkpoint, main, model_layout, write_reconstructions
+from omnimae_pl.models.checkpoints import load_pretrain_model
+from omnimae_pl.reconstruct import main, model_layout, write_reconstructions
 
 TINY = dict(depth=2, decoder_depth=1, patch_size=(2, 8, 8))
 
@@ -94,7 +95,7 @@ def test_cli_on_a_released_format_state_dict(files, tmp_path):
     model = tiny_model(num_frames=16)  # a released file's layout is read from its table size: 16 frames if it fits
     path = tmp_path / "omnimae_tiny_pretrain.torch"
     torch.save(to_official(model.state_dict()), path)
-    loaded = load_model(path)
+    loaded = load_pretrain_model(path)
     assert model_layout(loaded) == (32, 16)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -117,7 +118,7 @@ def test_lightning_checkpoint_loads_with_its_hyper_parameters(tmp_path):
         },
         path,
     )
-    for loaded in (load_pretrain_checkpoint(path), load_model(path)):
-        assert not loaded.training
-        for key, value in model.state_dict().items():
-            assert torch.equal(loaded.state_dict()[key], value), key
+    loaded = load_pretrain_model(path)
+    assert not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -1,40 +1,71 @@
-"""``omnimae-cli``: one LightningCLI for pretraining, fine-tuning and evaluation; the YAML picks the task."""
+"""``omnimae-cli``: every command of the project behind one entry point.
+
+``fit`` / ``validate`` / ``test`` / ``predict`` are one LightningCLI (the YAML picks pretraining or fine-tuning);
+the tools in :data:`TOOLS` run as ``omnimae-cli <tool> ...``, each with its own ``--help``.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
-import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from omnimae_pl.callbacks import WANDB_RUN_ID_KEY
+from omnimae_pl.models.checkpoints import CheckpointError, load_checkpoint
 
 WANDB_OFFLINE = {
     "class_path": "lightning.pytorch.loggers.WandbLogger",
     "init_args": {"project": "omnimae-pl", "save_dir": "runs", "offline": True},
 }
+# The datamodules shard and shuffle their data themselves (the interleaver), so Lightning must not add a sampler.
+TRAINER_DEFAULTS = {"logger": WANDB_OFFLINE, "use_distributed_sampler": False}
+
+# name -> (module with main(argv), one-line purpose): the one list of the commands a user runs besides LightningCLI's.
+TOOLS = {
+    "reconstruct": ("omnimae_pl.reconstruct", "write reconstruction pictures of images and videos from a checkpoint"),
+    "export": ("omnimae_pl.export", "export an encoder (and head) for timm's VisionTransformer"),
+    "demo-data": ("omnimae_pl.data.demo", "build the demo corpus (ImageNet and SSv2 layouts) from installed packages"),
+    "bench": ("omnimae_pl.bench", "time the training step: samples/s, MFU, memory, eager vs compiled"),
+    "loader-bench": ("omnimae_pl.data.loader_bench", "time the data loaders on one core"),
+}
+LIGHTNING_COMMANDS = {
+    "fit": "pretrain or fine-tune (the config's model class decides)",
+    "validate": "evaluate on the validation split",
+    "test": "evaluate on the test split",
+    "predict": "run the model over the predict split",
+}
+
+
+def commands_help() -> str:
+    rows = [*LIGHTNING_COMMANDS.items(), *((name, purpose) for name, (_, purpose) in TOOLS.items())]
+    width = max(len(name) for name, _ in rows)
+    return "commands:\n" + "\n".join(f"  {name:<{width}}  {purpose}" for name, purpose in rows)
 
 
 class OmniCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Data facts flow into the model; give them under `data`, never under `model`.
-        for key in ("img_size", "num_frames", "num_classes"):
+        for key in ("img_size", "num_frames", "patch_size", "num_classes"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """Resuming with ``--ckpt_path``: continue the wandb run stored in that checkpoint."""
+        """A ``--ckpt_path`` file is read here first, safely (a refused file stops the run before anything is
+        built); resuming a fit continues the wandb run stored in it."""
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-        if cfg is None or self.subcommand != "fit" or not cfg.get("ckpt_path"):
+        if cfg is None or not cfg.get("ckpt_path"):
             return
         path = _resolve_checkpoint(cfg)
         if path is None or not path.is_file():
             return
-        run_id = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get(WANDB_RUN_ID_KEY)
+        run_id = load_checkpoint(path).get(WANDB_RUN_ID_KEY)
+        if self.subcommand != "fit" or not run_id:
+            return
         logger = cfg.trainer.get("logger")
         for lg in logger if isinstance(logger, list) else [logger]:
-            if run_id and lg is not None and not isinstance(lg, bool) and lg.class_path.endswith("WandbLogger"):
+            if lg is not None and not isinstance(lg, bool) and lg.class_path.endswith("WandbLogger"):
                 lg.init_args["id"] = run_id
                 lg.init_args["resume"] = "allow"
 
@@ -53,7 +84,16 @@ def _resolve_checkpoint(cfg) -> Path | None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``omnimae-cli`` and ``python -m omnimae_pl``."""
-    run_cli(args)
+    args = sys.argv[1:] if args is None else list(args)
+    if not args or args[0] in ("-h", "--help"):
+        print(commands_help() + "\n\nomnimae-cli <command> --help shows a command's options.\n")
+    try:
+        if args and args[0] in TOOLS:
+            importlib.import_module(TOOLS[args[0]][0]).main(args[1:])
+        else:
+            run_cli(args)
+    except CheckpointError as err:  # a refused or unreadable file: the user's to fix, one line says it all
+        sys.exit(f"omnimae-cli: error: {err}")
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> OmniCLI:
@@ -64,11 +104,11 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> OmniCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"logger": WANDB_OFFLINE},
+        trainer_defaults=TRAINER_DEFAULTS,
         args=args,
         run=run,
     )
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    main()

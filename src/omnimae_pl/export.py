@@ -1,8 +1,8 @@
 """Export an OmniMAE encoder (and its fine-tuned head) as a state dict for timm's image ``VisionTransformer``.
 
-    python -m omnimae_pl.export SRC OUT [--img-size 224]
+    omnimae-cli export SRC OUT [--img-size 224]
 
-``SRC`` is anything ``init_from`` reads: our pretraining or fine-tuning ``.ckpt``, a bare state dict of our
+``SRC`` is anything :func:`omnimae_pl.models.checkpoints.read_weights` reads: our pretraining or fine-tuning ``.ckpt``, a bare state dict of our
 models, or a released OmniMAE file. ``OUT`` loads with ``strict=True`` into::
 
     timm.models.vision_transformer.VisionTransformer(
@@ -26,37 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from omnimae_pl.models.factory import SIZES, model_size
-from omnimae_pl.models.official import _layout
+from omnimae_pl.models.checkpoints import SourceWeights, load_checkpoint, read_weights
 from omnimae_pl.models.pos_embed import select_pos_embed, sinusoid_table
-from omnimae_pl.tasks.init_from import SourceWeights, read_source
-
-
-def _num_heads(weights: SourceWeights, source: object) -> int:
-    if isinstance(source, nn.Module):
-        encoder = getattr(source, "encoder", None)
-        if encoder is not None:
-            return int(encoder.blocks[0].attn.num_heads)
-    hp = weights.hparams
-    if "size" in hp:
-        spec = model_size(hp["size"], **dict(hp.get("model_overrides") or {}))
-        if spec.embed_dim == weights.embed_dim:
-            return spec.num_heads
-    for spec in SIZES.values():
-        if (spec.embed_dim, spec.depth) == (weights.embed_dim, weights.depth):
-            return spec.num_heads
-    return max(weights.embed_dim // 64, 1)
-
-
-def source_img_size(weights: SourceWeights, source: object) -> int:
-    """The image side the source's positional table was built for."""
-    if isinstance(source, nn.Module) and getattr(source, "encoder", None) is not None:
-        return int(source.encoder.grid[1] * weights.patch_size[1])
-    if "img_size" in weights.hparams:
-        return int(weights.hparams["img_size"])
-    if "pos_embed" in weights.encoder:
-        return _layout(weights.encoder["pos_embed"].shape[1], weights.patch_size)[1]
-    return 224
 
 
 def timm_state_dict(
@@ -124,10 +95,9 @@ def export_timm(
     ``img_size`` defaults to the source's; ``num_heads`` is read from the source's hyper-parameters or module, or
     from the named sizes by width and depth (a released file stores no head count): give it for other shapes.
     """
-    weights = read_source(source)
-    trained = source_img_size(weights, source)
-    img_size = img_size or trained
-    state, kwargs = timm_state_dict(weights, img_size, num_heads or _num_heads(weights, source), trained)
+    weights = read_weights(source)
+    img_size = img_size or weights.img_size
+    state, kwargs = timm_state_dict(weights, img_size, num_heads or weights.num_heads, weights.img_size)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out_path)
@@ -161,13 +131,13 @@ def load_timm(path: str | PathLike, **kwargs) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(**kwargs)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    model.load_state_dict(load_checkpoint(path), strict=True)
     return model.eval()
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m omnimae_pl.export", description="Export an OmniMAE encoder for timm's VisionTransformer."
+        prog="omnimae-cli export", description="Export an OmniMAE encoder for timm's VisionTransformer."
     )
     parser.add_argument("source", help="our .ckpt, a state dict of our models, or a released OmniMAE file")
     parser.add_argument("out", help="where to write the timm state dict")

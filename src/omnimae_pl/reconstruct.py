@@ -1,4 +1,4 @@
-"""Write reconstruction figures for a few images and videos: ``python -m omnimae_pl.reconstruct``.
+"""Write reconstruction figures for a few images and videos: ``omnimae-cli reconstruct``.
 
 For every input, mask type and mask ratio: a PNG (images: one row of views; videos: a frame strip) and, for
 videos, a GIF and an MP4 of the views side by side; ``index.json`` lists them all with each reconstruction's
@@ -26,7 +26,8 @@ from omnimae_pl.data.image_transforms import ResizeCenterCrop
 from omnimae_pl.data.video_io import DEFAULT_CLIP_DURATION, PyAVReader
 from omnimae_pl.models.losses import masked_mse, norm_pix_targets
 from omnimae_pl.masking import MASK_TYPES, make_mask, token_grid
-from omnimae_pl.models import OmniMAE, load_official, omnimae_pretrain
+from omnimae_pl.models import OmniMAE
+from omnimae_pl.models.checkpoints import load_pretrain_model
 from omnimae_pl.viz import (
     VIEW_KEYS,
     VIEW_TITLES,
@@ -42,39 +43,6 @@ from omnimae_pl.viz import (
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv"})
 Input = str | PathLike | torch.Tensor
-
-
-def load_pretrain_checkpoint(path: str | PathLike) -> OmniMAE:
-    """A Lightning checkpoint of our pretraining module -> its OmniMAE, in eval mode.
-
-    The module's hyper-parameters name the architecture (``size``, optional ``model_overrides``, ``img_size``,
-    ``num_frames``) and its ``state_dict`` holds the model under ``model.``. Read with ``weights_only=True``, so
-    loading never runs code from the file.
-    """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return _pretrain_from_lightning(checkpoint, path)
-
-
-def _pretrain_from_lightning(checkpoint: dict, path: str | PathLike) -> OmniMAE:
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "size" not in hparams:
-        raise ValueError(f"{path}: a Lightning checkpoint without hyper_parameters['size'] (not our pretraining)")
-    build = {key: hparams[key] for key in ("img_size", "num_frames") if key in hparams}
-    model = omnimae_pretrain(hparams["size"], **build, **(hparams.get("model_overrides") or {}))
-    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def load_model(path: str | PathLike) -> OmniMAE:
-    """A released OmniMAE pretraining file or a Lightning checkpoint of our pretraining -> OmniMAE (eval mode)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" in checkpoint:
-        return _pretrain_from_lightning(checkpoint, path)
-    model = load_official(checkpoint)
-    if not isinstance(model, OmniMAE):
-        raise ValueError(f"{path} is a fine-tuned checkpoint: it has no decoder, so it cannot reconstruct")
-    return model
 
 
 def model_layout(model: OmniMAE) -> tuple[int, int]:
@@ -253,7 +221,7 @@ def _index_html(entries: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m omnimae_pl.reconstruct", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="omnimae-cli reconstruct", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="released OmniMAE pretraining file or Lightning .ckpt")
     parser.add_argument("--inputs", nargs="+", required=True, help="image and video files")
     parser.add_argument("--out-dir", required=True)
@@ -268,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         help="also draw all image inputs in one figure per mask type and ratio: image_grid_<type>_<percent>.png",
     )
     args = parser.parse_args(argv)
-    model = load_model(args.checkpoint).to(args.device)
+    model = load_pretrain_model(args.checkpoint).to(args.device)
     index = write_reconstructions(
         model, args.inputs, args.out_dir, args.mask_ratios, args.mask_types, args.seed, args.fps
     )

@@ -10,7 +10,7 @@ import torch
 from jsonargparse import ArgumentParser
 from video_helpers import write_test_video
 
-from omnimae_pl.data.datamodule import ClassificationDataModule, OmniMAEDataModule, SourceConfig
+from omnimae_pl.data.datamodule import ClassificationDataModule, PretrainDataModule, SourceConfig
 from omnimae_pl.data.image_transforms import ResizeCenterCrop
 from omnimae_pl.data.interleave import ModalityInterleaver
 from omnimae_pl.masking import MaskingConfig
@@ -30,7 +30,7 @@ def video_root(tmp_path: Path) -> Path:
     return root
 
 
-def _pretraining(image_root: Path, video_root: Path, **kwargs) -> OmniMAEDataModule:
+def _pretraining(image_root: Path, video_root: Path, **kwargs) -> PretrainDataModule:
     sources = [
         SourceConfig("imagenet", str(image_root), name="in1k", val_split="val"),
         SourceConfig("video_folder", str(video_root), name="clips", val_split="val"),
@@ -39,7 +39,7 @@ def _pretraining(image_root: Path, video_root: Path, **kwargs) -> OmniMAEDataMod
         **SMALL, "image_batch_size": 4, "video_batch_size": 4, "replicas": 2,
         "image_masking": MaskingConfig("random", 0.75), "video_masking": MaskingConfig("random", 0.75), **kwargs,
     }
-    return OmniMAEDataModule(sources, **options)
+    return PretrainDataModule(sources, **options)
 
 
 def test_pretraining_batches_steps_and_fixed_validation(clean_imagenet_root: Path, video_root: Path) -> None:
@@ -74,13 +74,13 @@ def test_data_parallel_layout_comes_from_the_strategy(clean_imagenet_root: Path,
 
 def test_setup_errors_name_the_path(tmp_path: Path, clean_imagenet_root: Path) -> None:
     missing = tmp_path / "no_imagenet"
-    dm = OmniMAEDataModule([SourceConfig("imagenet", str(missing))], **SMALL)
+    dm = PretrainDataModule([SourceConfig("imagenet", str(missing))], **SMALL)
     with pytest.raises(FileNotFoundError, match=str(missing)):
         dm.setup("fit")
     annotations = tmp_path / "ssv2_labels"
     annotations.mkdir()
     (tmp_path / "ssv2_videos").mkdir()
-    dm = OmniMAEDataModule(
+    dm = PretrainDataModule(
         [SourceConfig("ssv2", str(tmp_path / "ssv2_videos"), annotations=str(annotations))], replicas=2, **SMALL
     )
     with pytest.raises(FileNotFoundError, match=str(annotations / "something-something-v2-labels.json")):
@@ -90,7 +90,7 @@ def test_setup_errors_name_the_path(tmp_path: Path, clean_imagenet_root: Path) -
     with pytest.raises(ValueError, match="unknown source kind 'kinetics'"):
         SourceConfig("kinetics", "/videos")
     with pytest.raises(ValueError, match="multiple of replicas"):
-        OmniMAEDataModule([SourceConfig("imagenet", str(clean_imagenet_root))], video_batch_size=6, replicas=4)
+        PretrainDataModule([SourceConfig("imagenet", str(clean_imagenet_root))], video_batch_size=6, replicas=4)
 
 
 def test_classification_datamodule(clean_imagenet_root: Path) -> None:
@@ -129,7 +129,7 @@ def test_classification_train_fraction(clean_imagenet_root: Path, video_root: Pa
 
 def test_arguments_parse_from_yaml(tmp_path: Path) -> None:
     parser = ArgumentParser()
-    parser.add_class_arguments(OmniMAEDataModule, "data")
+    parser.add_class_arguments(PretrainDataModule, "data")
     cfg = parser.parse_string(
         """
 data:

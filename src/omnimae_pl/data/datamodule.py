@@ -1,9 +1,9 @@
 """LightningDataModules: joint image + video pretraining, and single-source classification.
 
-Both shard their data themselves (run with ``trainer.use_distributed_sampler: false``, as every shipped trainer
-config does): training goes through a ``ModalityInterleaver`` (seeded per-epoch shuffling, the rank's shard,
-``(index, epoch)`` keys, a mid-epoch resumable position in the checkpoint, bad-sample counting), and
-evaluation loaders split their set over the ranks with a non-shuffling ``DistributedSampler``.
+Both shard their data themselves (``trainer.use_distributed_sampler: false``, the CLI's default): training goes
+through a ``ModalityInterleaver`` (seeded per-epoch shuffling, the rank's shard, ``(index, epoch)`` keys, a
+mid-epoch resumable position in the checkpoint, bad-sample counting), and evaluation loaders split their set over
+the ranks with a non-shuffling ``DistributedSampler``.
 
 Datasets are built on first need: ``setup()``, or earlier when the CLI links ``num_classes`` into the model.
 Either way a missing folder or annotation file fails before the first step, with its path in the message.
@@ -11,7 +11,7 @@ Either way a missing folder or annotation file fails before the first step, with
 Example (``data:`` of a LightningCLI config in subclass mode)::
 
     data:
-      class_path: omnimae_pl.data.datamodule.OmniMAEDataModule
+      class_path: omnimae_pl.data.datamodule.PretrainDataModule
       init_args:
         sources:
           - {name: in1k, kind: imagenet, root: /data/imagenet, val_split: val}
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from omnimae_pl.data.bad_samples import BadSampleTracker
@@ -94,6 +94,7 @@ class _SourcesDataModule(LightningDataModule):
 
     def __init__(
         self,
+        *,
         img_size: int,
         num_frames: int,
         clip_duration: float,
@@ -214,7 +215,7 @@ class _SourcesDataModule(LightningDataModule):
         )
 
 
-class OmniMAEDataModule(_SourcesDataModule):
+class PretrainDataModule(_SourcesDataModule):
     """Pretraining on any number of image and video sources, one source per step (``ModalityInterleaver``).
 
     Args:
@@ -264,11 +265,13 @@ class OmniMAEDataModule(_SourcesDataModule):
         video_backend: str = "pyav",
     ) -> None:
         super().__init__(
-            img_size, num_frames, clip_duration, short_side, patch_size, num_workers, pin_memory,
-            persistent_workers, prefetch_factor, timeout, seed, max_invalid_fraction, video_backend,
+            img_size=img_size, num_frames=num_frames, clip_duration=clip_duration, short_side=short_side,
+            patch_size=patch_size, num_workers=num_workers, pin_memory=pin_memory,
+            persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, timeout=timeout, seed=seed,
+            max_invalid_fraction=max_invalid_fraction, video_backend=video_backend,
         )
         if not any(cfg.split is not None for cfg in sources):
-            raise ValueError("OmniMAEDataModule needs at least one source with a training split")
+            raise ValueError("PretrainDataModule needs at least one source with a training split")
         if video_batch_size % replicas:
             raise ValueError(f"video_batch_size={video_batch_size} must be a multiple of replicas={replicas}")
         self.sources = list(sources)
@@ -355,6 +358,16 @@ class OmniMAEDataModule(_SourcesDataModule):
         ]
 
 
+class OmniMAEDataModule(PretrainDataModule):
+    """Deprecated: the old name of :class:`PretrainDataModule`, kept importable for configs that name it."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OmniMAEDataModule:
+        rank_zero_deprecation(
+            "omnimae_pl.data.datamodule.OmniMAEDataModule is now PretrainDataModule; the old name goes in 0.3"
+        )
+        return super().__new__(cls)
+
+
 class ClassificationDataModule(_SourcesDataModule):
     """One labelled image or video source for fine-tuning, linear probing and evaluation (no masks).
 
@@ -374,7 +387,7 @@ class ClassificationDataModule(_SourcesDataModule):
             ``short_side``.
         train_fraction: train on this class-balanced share of the training split (e.g. 0.01 for "1 % of the
             labels"; at least one item per class), the same items for every run with the same ``seed``.
-        other arguments: as in ``OmniMAEDataModule``.
+        other arguments: as in ``PretrainDataModule``.
     """
 
     def __init__(
@@ -404,8 +417,10 @@ class ClassificationDataModule(_SourcesDataModule):
         video_backend: str = "pyav",
     ) -> None:
         super().__init__(
-            img_size, num_frames, clip_duration, short_side, patch_size, num_workers, pin_memory,
-            persistent_workers, prefetch_factor, timeout, seed, max_invalid_fraction, video_backend,
+            img_size=img_size, num_frames=num_frames, clip_duration=clip_duration, short_side=short_side,
+            patch_size=patch_size, num_workers=num_workers, pin_memory=pin_memory,
+            persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, timeout=timeout, seed=seed,
+            max_invalid_fraction=max_invalid_fraction, video_backend=video_backend,
         )
         self.source = source
         self.batch_size = batch_size

@@ -9,7 +9,7 @@ a digit moving left to right, right to left, up, down, towards or away from the 
 depends on the order of the frames, as in SSv2 (a reversed clip has another label), so a model needs time.
 
 Everything is deterministic given ``seed``; a marker file records what was built, and a second call with the
-same arguments reuses it. Run ``python -m omnimae_pl.data.demo --root DIR`` to build and print the paths.
+same arguments reuses it. Run ``omnimae-cli demo-data --root DIR`` to build and print the paths.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def _write_ssv2(root: Path, num_videos: int, size: tuple[int, int], rng: np.rand
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build (or reuse) the omnimae-pl demo corpus.")
+    parser = argparse.ArgumentParser(prog="omnimae-cli demo-data", description="Build (or reuse) the omnimae-pl demo corpus.")
     parser.add_argument("--root", required=True, help="folder to write into")
     parser.add_argument("--train-images-per-class", type=int, default=100)
     parser.add_argument("--val-images-per-class", type=int, default=20)

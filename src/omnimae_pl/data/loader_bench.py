@@ -10,7 +10,7 @@ digit) and ImageNet-sized JPEGs (about 500x375), then measures, each for ``--sec
 - images/s: JPEG decode + RandomResizedCrop + flip + normalise (the ImageNet pretraining transform).
 
 Rates are given per second of wall time and per second of CPU time of this process: on a shared machine the
-second one is closer to what one dedicated core would do. Run ``python -m omnimae_pl.data.loader_bench``.
+second one is closer to what one dedicated core would do. Run ``omnimae-cli loader-bench``.
 
 Every replica is a fresh 9.6 MB float tensor, and in a VM first-touching fresh pages is costly: glibc returns
 such large blocks to the kernel on free, so each sample faults its pages in again. Keeping freed memory for reuse
@@ -149,7 +149,7 @@ def _one(_: torch.Tensor) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Data loader throughput on one core.")
+    parser = argparse.ArgumentParser(prog="omnimae-cli loader-bench", description="Data loader throughput on one core.")
     parser.add_argument("--out-dir", help="folder for the generated clips and JPEGs (reused); default: a temp dir")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
     args = parser.parse_args(argv)

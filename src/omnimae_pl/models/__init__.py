@@ -21,6 +21,6 @@ __all__ = [
     "unpatchify",
 ]
 
-from omnimae_pl.models.official import load_official  # noqa: E402
+from omnimae_pl.models.checkpoints import load_official  # noqa: E402
 
 __all__ += ["load_official"]

@@ -43,6 +43,15 @@ def model_size(size: str | ModelSize, **overrides) -> ModelSize:
     return replace(size, **overrides)
 
 
+def num_heads_for(embed_dim: int, depth: int) -> int:
+    """Attention heads of a trunk known only by its width and depth (a weights file stores no head count): the
+    named size with that shape, else one head per 64 channels."""
+    for spec in SIZES.values():
+        if (spec.embed_dim, spec.depth) == (embed_dim, depth):
+            return spec.num_heads
+    return max(embed_dim // 64, 1)
+
+
 def build_encoder(
     spec: ModelSize, img_size: int, num_frames: int, drop_path_rate: float, final_norm: bool
 ) -> VisionTransformerEncoder:

@@ -1,22 +1,22 @@
-"""Load the released OmniMAE checkpoints (bare ``trunk.*`` / ``head.*`` state dicts) into our modules.
+"""The released OmniMAE layout (bare ``trunk.*`` / ``head.*`` state dicts) mapped onto our modules.
 
 The size, patch and positional layout are read from the tensors; the fixed positional tables are rebuilt
-and checked against the file. Files are read with ``weights_only=True``, so loading never runs their code.
+and checked against the file. Pure functions on state dicts: files are opened by
+:mod:`omnimae_pl.models.checkpoints` (``load_official``).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
-from os import PathLike
 
 import torch
 from torch import nn
 
 from omnimae_pl.models.classifier import OmniViTClassifier
-from omnimae_pl.models.factory import SIZES, ModelSize, omnimae_classifier, omnimae_pretrain
+from omnimae_pl.models.factory import ModelSize, num_heads_for, omnimae_classifier, omnimae_pretrain
 from omnimae_pl.models.omnimae import OmniMAE
+from omnimae_pl.models.pos_embed import table_layout
 
 # official prefix -> ours (applied in order, first match wins)
 _PRETRAIN_RENAMES = (
@@ -48,7 +48,8 @@ def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str | None:
     return None
 
 
-def _unwrap(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unwrap_trainer_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An omnivision trainer checkpoint (``model`` with ``heads.0.*``) -> the released layout; others unchanged."""
     if "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     out = {}
@@ -66,22 +67,6 @@ def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
     return len({m.group(1) for k in state if (m := rx.match(k))})
 
 
-def _heads(dim: int, depth: int) -> int:
-    for s in SIZES.values():
-        if (s.embed_dim, s.depth) == (dim, depth):
-            return s.num_heads
-    return max(dim // 64, 1)
-
-
-def _layout(n_tokens: int, patch_size: tuple[int, int, int]) -> tuple[int, int]:
-    """(num_frames, img_size) of a positional table with ``n_tokens`` rows; 16 frames when it fits."""
-    for t in (8, *range(1, 65)):
-        side = math.isqrt(n_tokens // t) if n_tokens % t == 0 else 0
-        if side and side * side * t == n_tokens:
-            return t * patch_size[0], side * patch_size[1]
-    raise ValueError(f"cannot read a (frames, size) layout from a positional table of {n_tokens} rows")
-
-
 def _foreign(state: Mapping[str, torch.Tensor], missing, unexpected) -> ValueError:
     def short(keys):
         keys = sorted(keys)
@@ -91,12 +76,6 @@ def _foreign(state: Mapping[str, torch.Tensor], missing, unexpected) -> ValueErr
         f"not an OmniMAE checkpoint ({len(state)} keys): missing keys: {short(missing)}; "
         f"unexpected keys: {short(unexpected)}"
     )
-
-
-def read_state_dict(path_or_state_dict: str | PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if isinstance(path_or_state_dict, Mapping):
-        return _unwrap(path_or_state_dict)
-    return _unwrap(torch.load(path_or_state_dict, map_location="cpu", weights_only=True))
 
 
 def infer_official_size(state: Mapping[str, torch.Tensor]) -> tuple[ModelSize, int, int, bool]:
@@ -114,8 +93,8 @@ def infer_official_size(state: Mapping[str, torch.Tensor]) -> tuple[ModelSize, i
         dec_heads = 16 if dec_dim % 16 == 0 else max(dec_dim // 32, 1)  # 16 in every released decoder
     else:
         dec_dim, dec_depth, dec_heads = 0, 0, 1
-    size = ModelSize(dim, depth, _heads(dim, depth), dec_dim, dec_depth, dec_heads, patch_size=patch)
-    num_frames, img_size = _layout(state["trunk.pos_embed"].shape[1], patch)
+    size = ModelSize(dim, depth, num_heads_for(dim, depth), dec_dim, dec_depth, dec_heads, patch_size=patch)
+    num_frames, img_size = table_layout(state["trunk.pos_embed"].shape[1], patch)
     return size, num_frames, img_size, is_pretrain
 
 
@@ -139,18 +118,16 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_official(
-    path_or_state_dict: str | PathLike | Mapping[str, torch.Tensor],
-    num_frames: int | None = None,
-    img_size: int | None = None,
+def official_model(
+    state: Mapping[str, torch.Tensor], num_frames: int | None = None, img_size: int | None = None
 ) -> OmniMAE | OmniViTClassifier:
-    """Any of the nine released files -> our pretraining model (``model(x, mask=mask)`` returns pixel
-    predictions) or our classifier (``model(x)`` returns logits), in eval mode.
+    """A released state dict -> our pretraining model (``model(x, mask=mask)`` returns pixel predictions) or our
+    classifier (``model(x)`` returns logits), in eval mode.
 
     The input layout is read from the positional table (16 frames when that fits, as in every released
     file); give ``num_frames`` and ``img_size`` for other layouts, where the row count alone is ambiguous.
     """
-    state = read_state_dict(path_or_state_dict)
+    state = unwrap_trainer_state(state)
     size, frames, size_px, is_pretrain = infer_official_size(state)
     num_frames, img_size = num_frames or frames, img_size or size_px
     if is_pretrain:

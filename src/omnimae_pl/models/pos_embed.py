@@ -6,6 +6,8 @@ the video token at (0, h, w).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -43,3 +45,13 @@ def select_pos_embed(
     first = first.reshape(1, h0, w0, dim).permute(0, 3, 1, 2)
     first = F.interpolate(first, size=(h, w), mode="bicubic", align_corners=False)
     return first.permute(0, 2, 3, 1).reshape(1, h * w, dim)
+
+
+def table_layout(n_tokens: int, patch_size: tuple[int, int, int]) -> tuple[int, int]:
+    """(num_frames, img_size) of a square-input table with ``n_tokens`` rows; 16 frames when that fits (the row
+    count alone is ambiguous, and every released file is 16 x 224)."""
+    for t in (8, *range(1, 65)):
+        side = math.isqrt(n_tokens // t) if n_tokens % t == 0 else 0
+        if side and side * side * t == n_tokens:
+            return t * patch_size[0], side * patch_size[1]
+    raise ValueError(f"cannot read a (frames, size) layout from a positional table of {n_tokens} rows")

@@ -1,12 +1,7 @@
 """Start a classifier from pretrained or fine-tuned weights, with a short report of what was taken.
 
-Sources (all recognised from their contents, whatever the file name):
-
-* our Lightning checkpoints: ``state_dict`` with ``model.encoder.*`` plus ``model.decoder.*`` (pretraining,
-  maybe ``probe.*``) or ``model.fc_norm.*`` / ``model.head.*`` (fine-tuning);
-* a bare state dict of our modules (``encoder.*``, ``decoder.*`` / ``fc_norm.*``, ``head.*``);
-* the released OmniMAE files (``trunk.*`` / ``head.*``, pretrained or fine-tuned) and omnivision trainer
-  checkpoints, through :mod:`omnimae_pl.models.official`.
+The source is anything :func:`omnimae_pl.models.checkpoints.read_weights` reads (our Lightning checkpoints, bare
+state dicts of our modules, the released OmniMAE files), opened safely there.
 
 What a classifier takes: the encoder (patch embedding and blocks). Never the encoder's final norm (it normed
 tokens before the decoder; the classifier norms after pooling and that norm starts fresh, as in the official
@@ -14,63 +9,19 @@ fine-tuning configs), the decoder, the mask token or the pixel head. ``fc_norm``
 from a fine-tuned source whose head has the model's number of classes. The fixed positional table is never
 taken: it is rebuilt for the model's layout (and checked against the file when the layouts agree).
 
-Used by ``OmniMAEFinetune(init_from=...)`` and by :mod:`omnimae_pl.export`; never through ``ckpt_path``.
+Used by ``OmniMAEFinetune(init_from=...)``; never through ``ckpt_path``.
 """
 
 from __future__ import annotations
 
-import pickle
-import re
-import warnings
-import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from omnimae_pl.models.official import convert_official, infer_official_size, read_state_dict
-
-SOURCE_KINDS = ("pretrain", "finetune")
-
-
-@dataclass
-class SourceWeights:
-    """A checkpoint in our names: ``encoder`` keys relative to the encoder (``blocks.0.attn.qkv.weight``),
-    ``fc_norm`` / ``head`` relative to themselves (None when absent), everything else in ``other``."""
-
-    kind: str  # "pretrain" or "finetune"
-    origin: str  # "lightning", "state_dict" or "official"
-    encoder: dict[str, torch.Tensor]
-    fc_norm: dict[str, torch.Tensor] | None = None
-    head: dict[str, torch.Tensor] | None = None
-    other: dict[str, torch.Tensor] = field(default_factory=dict)
-    hparams: dict = field(default_factory=dict)
-    name: str = "<state dict>"
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.encoder["patch_embed.proj.weight"].shape[0])
-
-    @property
-    def depth(self) -> int:
-        return len({m.group(1) for k in self.encoder if (m := re.match(r"blocks\.(\d+)\.", k))})
-
-    @property
-    def patch_size(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.encoder["patch_embed.proj.weight"].shape[2:])
-
-    @property
-    def num_classes(self) -> int | None:
-        return None if self.head is None else int(self.head["weight"].shape[0])
-
-    def describe(self) -> str:
-        what = {"pretrain": "pretrained", "finetune": "fine-tuned"}[self.kind]
-        origin = {"lightning": "Lightning checkpoint", "state_dict": "state dict", "official": "released OmniMAE file"}
-        classes = f", {self.num_classes} classes" if self.head is not None else ""
-        return f"{what} {origin[self.origin]} (ViT {self.embed_dim} x {self.depth}{classes})"
+from omnimae_pl.models.checkpoints import SourceWeights, read_weights
 
 
 @dataclass
@@ -112,83 +63,6 @@ def _grouped(keys: list[str]) -> str:
     return ", ".join(f"{p} ({n})" for p, n in groups.items())
 
 
-def _torch_load(path: Path) -> Mapping:
-    """Weights only when the file allows it. Lightning checkpoints often hold Python objects besides tensors
-    (hyper-parameters, callback and loop states): those are loaded in full, with a warning, as Lightning does."""
-    mmap = zipfile.is_zipfile(path)  # memory-map the (new-format) file instead of reading it twice
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        pass
-    warnings.warn(
-        f"init_from: {path} holds Python objects besides tensors; loaded with weights_only=False "
-        "(use only checkpoints you trust)",
-        stacklevel=3,
-    )
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-
-
-def _strip(key: str) -> str:
-    return key.replace("_orig_mod.", "").removeprefix("module.")
-
-
-def _split_ours(state: Mapping[str, torch.Tensor], origin: str, hparams: dict, name: str) -> SourceWeights:
-    encoder, fc_norm, head, other = {}, {}, {}, {}
-    for key, value in state.items():
-        if key.startswith("encoder."):
-            encoder[key[len("encoder.") :]] = value
-        elif key.startswith("fc_norm."):
-            fc_norm[key[len("fc_norm.") :]] = value
-        elif key.startswith("head."):
-            head[key[len("head.") :]] = value
-        else:
-            other[key] = value
-    if "patch_embed.proj.weight" not in encoder:
-        raise ValueError(f"{name}: no encoder weights (encoder.patch_embed.proj.weight) in {len(state)} keys")
-    pretrain = any(k.startswith("decoder.") for k in other) or not head
-    return SourceWeights(
-        kind="pretrain" if pretrain else "finetune",
-        origin=origin,
-        encoder=encoder,
-        fc_norm=fc_norm or None,
-        head=head or None,
-        other=other,
-        hparams=hparams,
-        name=name,
-    )
-
-
-def read_source(source: str | PathLike | Mapping[str, torch.Tensor] | nn.Module) -> SourceWeights:
-    """Any supported checkpoint (path, loaded dict, or one of our models) -> :class:`SourceWeights`."""
-    name = "<state dict>"
-    if isinstance(source, nn.Module):
-        return _split_ours(source.state_dict(), "state_dict", {}, type(source).__name__)
-    if not isinstance(source, Mapping):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"init_from: no such file {path}")
-        name = str(path)
-        source = _torch_load(path)
-    if "state_dict" in source and isinstance(source["state_dict"], Mapping):  # a Lightning checkpoint
-        hparams = dict(source.get("hyper_parameters") or {})
-        state = {}
-        for key, value in source["state_dict"].items():
-            key = _strip(key)
-            if key.startswith("model."):
-                state[key[len("model.") :]] = value
-            else:
-                state[key] = value  # probe.*, metric states: reported as left
-        return _split_ours(state, "lightning", hparams, name)
-    state = read_state_dict(source)  # unwraps omnivision trainer checkpoints
-    if any(k.startswith("trunk.") for k in state):
-        _, _, _, is_pretrain = infer_official_size(state)
-        ours = convert_official(state, pretrain=is_pretrain)
-        weights = _split_ours(ours, "official", {}, name)
-        weights.kind = "pretrain" if is_pretrain else "finetune"
-        return weights
-    return _split_ours({_strip(k): v for k, v in state.items()}, "state_dict", {}, name)
-
-
 def load_classifier_weights(
     model: nn.Module, source: str | PathLike | Mapping | nn.Module | SourceWeights, load_head: bool | None = None
 ) -> InitReport:
@@ -197,7 +71,7 @@ def load_classifier_weights(
     ``load_head``: None (default) takes ``fc_norm`` + ``head`` from a fine-tuned source whose number of classes
     matches the model; False never; True requires it (error otherwise).
     """
-    weights = source if isinstance(source, SourceWeights) else read_source(source)
+    weights = source if isinstance(source, SourceWeights) else read_weights(source)
     own = model.state_dict()
     new: dict[str, torch.Tensor] = {}
     left: dict[str, str] = {}
