@@ -10,7 +10,7 @@ import torch
 import yaml
 from cli_helpers import REPO, cli, run_config
 
-from omnimae_pl.cli import main
+from omnimae_pl.cli import LIGHTNING_COMMANDS, TOOLS, main
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -135,3 +135,20 @@ def test_fsdp2_config_trains_with_two_cpu_processes(demo_root, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=3` reached." in result.stderr + result.stdout
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    for name in (*LIGHTNING_COMMANDS, *TOOLS):
+        assert f"\n  {name} " in out, name
+
+
+@pytest.mark.parametrize("command", [*LIGHTNING_COMMANDS, *TOOLS])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out.lower()

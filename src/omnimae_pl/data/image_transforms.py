@@ -8,7 +8,7 @@ they do not depend on that shortcut.
 
 PIL decodes; the resize runs on a uint8 tensor in channels-last layout with torchvision's antialiased kernels
 (bicubic within a few grey levels of PIL's, at a third of the time), and normalisation is one fused
-multiply-subtract. On one core of the development machine this is about 2.3 ms per 500x375 JPEG.
+multiply-subtract (per-image timings: docs/benchmarks.md).
 """
 
 from __future__ import annotations

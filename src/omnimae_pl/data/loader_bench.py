@@ -15,7 +15,7 @@ second one is closer to what one dedicated core would do. Run ``omnimae-cli load
 Every replica is a fresh 9.6 MB float tensor, and in a VM first-touching fresh pages is costly: glibc returns
 such large blocks to the kernel on free, so each sample faults its pages in again. Keeping freed memory for reuse
 (``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment of the training
-process) made replicated samples about 1.7x faster on the development VM.
+process) helps; docs/benchmarks.md has the figures.
 """
 
 from __future__ import annotations

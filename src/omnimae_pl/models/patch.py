@@ -51,7 +51,7 @@ class TubeletEmbed(nn.Module):
 
     The parameters are a Conv3d's (checkpoint keys ``proj.weight`` / ``proj.bias``), but since kernel = stride
     the forward runs as one matmul over flattened tubelets: cuDNN's bf16 Conv3d picks a slow implicit-GEMM
-    kernel for this shape (4.5 ms forward + 2.2 ms backward per ViT-B step on an H100; see docs/benchmarks.md).
+    kernel for this shape (docs/benchmarks.md).
     """
 
     def __init__(self, patch_size: PatchSize = (2, 16, 16), in_chans: int = 3, embed_dim: int = 768) -> None:
