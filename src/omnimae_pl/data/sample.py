@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
 from omnimae_pl.masking import MaskingConfig, token_grid
-
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SAMPLE_KEYS", "collate_samples", "make_sample"]
 
 SAMPLE_KEYS = ("input", "mask", "label", "valid", "index")
 

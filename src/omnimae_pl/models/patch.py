@@ -19,8 +19,6 @@ def to_video(x: torch.Tensor, t_patch: int) -> torch.Tensor:
     if x.ndim == 4:
         return x.unsqueeze(2).expand(-1, -1, t_patch, -1, -1)
     if x.ndim == 5:
-        if x.shape[2] == 1:
-            return x.expand(-1, -1, t_patch, -1, -1)
         return x
     raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W), got shape {tuple(x.shape)}")
 
@@ -62,10 +60,10 @@ class TubeletEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pt, ph, pw = self.patch_size
         weight = self.proj.weight  # (D, C, pt, ph, pw)
-        if x.ndim == 4 or x.shape[2] == 1:
+        if x.ndim == 4:
             # An image is pt identical frames, so the pt time taps see the same pixels: summing them first is the
             # same conv at 1/pt of the FLOPs, with no repeated copy of the batch.
-            x = x if x.ndim == 5 else x.unsqueeze(2)
+            x = x.unsqueeze(2)
             weight, pt = weight.sum(dim=2, keepdim=True), 1
         elif x.ndim != 5:
             raise ValueError(f"expected (B, C, H, W) or (B, C, T, H, W), got shape {tuple(x.shape)}")
