@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from omnimae_pl.data.sample import collate_samples
@@ -28,12 +29,29 @@ class RandomImages(Dataset):
                 "valid": torch.tensor(True), "index": torch.tensor(i)}
 
 
+class RandomImagesData(LightningDataModule):
+    """The schedule's API of the project's datamodules (``batch_sizes``, ``steps_per_epoch``) over RandomImages."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size, self.dataset = batch_size, RandomImages()
+
+    def batch_sizes(self):
+        return {"image": self.batch_size}
+
+    def steps_per_epoch(self, world_size=1, rank=0):
+        return math.ceil(len(self.dataset) / world_size / self.batch_size)
+
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_size=self.batch_size,
+                          collate_fn=partial(collate_samples, modality="image", source="x"))
+
+
 def _fit(module, max_epochs=2, max_steps=1, batch_size=4, accumulate=1):
-    loader = DataLoader(RandomImages(), batch_size=batch_size, collate_fn=partial(collate_samples, modality="image", source="x"))
     trainer = Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=max_epochs, max_steps=max_steps,
                       accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, loader)
+    trainer.fit(module, datamodule=RandomImagesData(batch_size))
     return trainer
 
 
@@ -78,10 +96,11 @@ def test_layer_scales_by_hand(rule, expected):
 
 
 def test_schedule_length_from_the_data_and_the_rescaled_cosine():
-    module = _module(lr=None, blr=2e-3, warmup_fraction=0.25, warmup_start_lr=1e-6, min_lr=1e-6)
+    module = _module(lr=None, base_lr=2e-3, warmup_fraction=0.25, warmup_start_lr=1e-6, min_lr=1e-6)
     trainer = _fit(module, max_epochs=2, max_steps=-1)
     facts = module.schedule_facts()
-    assert facts == {"batch_size": 4, "global_batch": 4, "steps_per_epoch": 3, "total_steps": 6}  # 10 -> 4+4+2
+    assert facts == {"batch_size": {"image": 4}, "global_batch": {"image": 4}, "steps_per_epoch": 3,
+                     "total_steps": 6}  # 10 -> 4+4+2
     peak = 2e-3 * 4 / 256
     fn = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
     assert peak * fn(0) == pytest.approx(1e-6)
@@ -107,3 +126,18 @@ def test_linear_probe_trains_the_head_only():
     assert not torch.equal(before["head.weight"], after["head.weight"])
     module.train()
     assert module.training and not module.model.encoder.training and module.model.head.training
+
+
+def test_the_encoder_names_each_parameters_layer():
+    module = _module()
+    enc = module.model.encoder
+    assert enc.layer_id("patch_embed.proj.weight") == 0 and enc.layer_id("pos_embed") == 0
+    assert enc.layer_id("blocks.0.attn.qkv.weight") == 1 and enc.layer_id("blocks.1.norm2.bias") == 2
+    assert enc.layer_id("norm.weight") == 3  # depth + 1
+    layers = {name: module.layer_of(name) for name, _ in module.model.named_parameters()}
+    # the classifier's mapping: the encoder's numbering under encoder., the top for fc_norm and the head
+    assert {n for n, layer in layers.items() if layer == 0} == {"encoder.patch_embed.proj.weight",
+                                                                 "encoder.patch_embed.proj.bias"}
+    assert all(layer == int(n.split(".")[2]) + 1 for n, layer in layers.items() if n.startswith("encoder.blocks."))
+    assert {n for n, layer in layers.items() if layer == 3} == {"fc_norm.weight", "fc_norm.bias", "head.weight",
+                                                                 "head.bias"}

@@ -4,8 +4,7 @@ warm-up + cosine schedules of the official recipes."""
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -15,23 +14,13 @@ LAYER_DECAY_RULES = ("official", "mae")
 
 def fused_adamw(device: torch.device) -> bool | None:
     """``fused=`` for AdamW on ``device``: True on CUDA and CPU, where torch has one fused kernel for the whole
-    step (a ViT-B AdamW step on the 2-core CPU: 68 ms fused, 256 ms torch's CPU default); None elsewhere."""
+    step, much faster than the per-tensor default (docs/benchmarks.md); None elsewhere."""
     return True if device.type in ("cuda", "cpu") else None
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Biases and every norm parameter are 1-D; the mask token (1, D) and all weights are decayed."""
     return param.ndim <= 1 or name.endswith(".bias")
-
-
-def layer_id(name: str, depth: int) -> int:
-    """0 for the patch embedding, i + 1 for encoder block i, depth + 1 for everything after (norms, heads)."""
-    if ".patch_embed." in f".{name}" or name.endswith("pos_embed"):
-        return 0
-    match = re.search(r"(?:^|\.)encoder\.blocks\.(\d+)\.", name)
-    if match:
-        return int(match.group(1)) + 1
-    return depth + 1
 
 
 def layer_scale(layer: int, depth: int, decay: float, rule: str = "official") -> float:
@@ -47,12 +36,17 @@ def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]],
     weight_decay: float,
     layer_decay: float | None = None,
+    layer_of: Callable[[str], int] | None = None,
     depth: int | None = None,
     rule: str = "official",
 ) -> list[dict]:
-    """Named AdamW groups with an ``lr_scale`` each; names show in LearningRateMonitor."""
-    if layer_decay is not None and depth is None:
-        raise ValueError("layer_decay needs the encoder depth")
+    """Named AdamW groups with an ``lr_scale`` each; names show in LearningRateMonitor.
+
+    With ``layer_decay``, ``layer_of(name)`` gives a parameter's layer (0 = patch embedding, ``depth + 1`` = what
+    follows the last block), e.g. :meth:`~omnimae_pl.models.encoder.VisionTransformerEncoder.layer_id`.
+    """
+    if layer_decay is not None and (layer_of is None or depth is None):
+        raise ValueError("layer_decay needs layer_of and the encoder depth")
     groups: dict[str, dict] = {}
     for name, p in named_params:
         if not p.requires_grad:
@@ -60,7 +54,7 @@ def param_groups(
         decay = not no_weight_decay(name, p)
         scale, key = 1.0, "decay" if decay else "no_decay"
         if layer_decay is not None:
-            layer = layer_id(name, depth)
+            layer = layer_of(name)
             scale = layer_scale(layer, depth, layer_decay, rule)
             key = f"layer_{layer}_{key}"
         group = groups.setdefault(

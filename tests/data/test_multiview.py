@@ -1,4 +1,5 @@
-"""Multi-view evaluation data: 5 clips x 3 crops per video in one item, logit averaging per video id."""
+"""Multi-view evaluation data: 5 clips x 3 crops per video in one item, flattened by the collate (the logits are
+averaged per video by the fine-tuning task: tests/tasks/test_finetune_multiview.py)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,8 @@ import torch
 from video_helpers import read_frame_numbers, write_test_video
 
 from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
-from omnimae_pl.data.multiview import average_logits_by_id, first_occurrence
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.video_datasets import VideoFolder
-
-
-def test_average_logits_by_id_by_hand():
-    logits = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 2.0], [2.0, 4.0]])
-    ids = torch.tensor([7, 7, 2, 7, 2])
-    unique, mean = average_logits_by_id(logits, ids)
-    assert unique.tolist() == [2, 7]
-    assert torch.allclose(mean, torch.tensor([[1.5, 2.5], [1.0, 1.0]]))
-    assert first_occurrence(ids).tolist() == [2, 0]
-    assert first_occurrence(torch.tensor([4, 1, 4, 1, 0])).tolist() == [4, 1, 0]
 
 
 def _unnormalise(x: torch.Tensor) -> torch.Tensor:

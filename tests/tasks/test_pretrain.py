@@ -24,8 +24,8 @@ def _batch(modality: str, n: int = 4) -> dict:
 
 def test_validation_logs_the_mean_prediction_baseline():
     torch.manual_seed(0)
-    module = OmniMAEPretrain(size="tiny", model_overrides={"depth": 1, "patch_size": PATCH}, img_size=32,
-                             num_frames=4, linear_probe=False)
+    module = OmniMAEPretrain(size="tiny", model_overrides={"depth": 1}, img_size=32, num_frames=4, patch_size=PATCH,
+                             linear_probe=False)
     batches = [_batch("image"), _batch("video")]
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False)

@@ -76,6 +76,15 @@ class VisionTransformerEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def layer_id(self, name: str) -> int:
+        """The layer of parameter ``name`` (relative to the encoder) for layer-wise lr decay, as timm's
+        ``group_matcher``: 0 for the patch embedding and positions, i + 1 for ``blocks.i``, depth + 1 after."""
+        if name.startswith(("patch_embed.", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
     def pos_embed_for(self, x: torch.Tensor) -> torch.Tensor:
         grid = token_grid(x.shape[1:], self.patch_size)
         return select_pos_embed(self.pos_embed, self.grid, grid, is_image=x.ndim == 4)
@@ -91,8 +100,8 @@ class VisionTransformerEncoder(nn.Module):
         tokens = self.prepare_tokens(x)
         if ids_visible is not None:
             tokens = gather_tokens(tokens, ids_visible)
-        ckpt = self.grad_checkpointing if use_checkpoint is None else use_checkpoint
-        return self.norm(run_blocks(self.blocks, tokens, ckpt and self.training))
+        grad_ckpt = self.grad_checkpointing if use_checkpoint is None else use_checkpoint
+        return self.norm(run_blocks(self.blocks, tokens, grad_ckpt and self.training))
 
     def forward(
         self,

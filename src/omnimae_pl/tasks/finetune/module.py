@@ -3,75 +3,45 @@
 Recipes (spec 7.1 / 7.2): AdamW (0.9, 0.999), per-step linear warm-up from 1e-6 then a cosine to 1e-6, both
 "rescaled" (the cosine restarts after the warm-up); no weight decay on biases and norms; layer-wise lr decay with
 the official rule (every group one factor of ``layer_decay`` below MAE's, the head included); drop path 0.1;
-Mixup 0.8 / CutMix 1.0 / label smoothing 0.1 on the batch. Per-sample augmentation (RandAugment, erasing) is the
-data pipeline's: see :mod:`omnimae_pl.data.video_augment`.
+Mixup 0.8 / CutMix 1.0 / label smoothing 0.1 on the batch (:mod:`omnimae_pl.tasks.finetune.mixup`). Per-sample
+augmentation (RandAugment, erasing) is the data pipeline's: see :mod:`omnimae_pl.data.video_augment`.
 
 Evaluation: rows of a batch that share ``index`` are views of one sample (SSv2: 5 clips x 3 crops, see
-:mod:`omnimae_pl.data.multiview`); their logits are averaged before the loss and the metrics, and top-1 / top-5
+:mod:`omnimae_pl.tasks.finetune.multiview`); their logits are averaged before the loss and the metrics, and top-1 / top-5
 count every sample once, even when a ``DistributedSampler`` pads the last batches with duplicates.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import Metric
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.utilities import dim_zero_cat
 
-from omnimae_pl.data.multiview import average_logits_by_id, first_occurrence
 from omnimae_pl.data.seeding import sample_generator
-from omnimae_pl.data.video_augment import VideoMixup
 from omnimae_pl.models import OmniViTClassifier, omnimae_classifier
-from omnimae_pl.optim import LAYER_DECAY_RULES, fused_adamw, param_groups, warmup_cosine
+from omnimae_pl.optim import LAYER_DECAY_RULES, param_groups
+from omnimae_pl.tasks.base import OmniMAETask, model_kwargs
+from omnimae_pl.tasks.finetune.metrics import DedupTopKAccuracy
+from omnimae_pl.tasks.finetune.mixup import VideoMixup
+from omnimae_pl.tasks.finetune.multiview import average_logits_by_id, first_occurrence
 from omnimae_pl.tasks.init_from import InitReport, load_classifier_weights
 
-TOP_K = (1, 5)
 
-
-class DedupTopKAccuracy(Metric):
-    """Top-k accuracy (micro, as the papers report) over distinct sample indices: a sample seen twice (the
-    padded duplicates of a ``DistributedSampler``) counts once. States are gathered across processes."""
-
-    full_state_update = False
-
-    def __init__(self, top_k: tuple[int, ...] = TOP_K, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.top_k = tuple(top_k)
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-        self.add_state("hits", default=[], dist_reduce_fx="cat")
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor) -> None:
-        k = min(max(self.top_k), logits.shape[1])
-        ranked = logits.topk(k, dim=1).indices == target[:, None]
-        hits = torch.stack([ranked[:, : min(kk, k)].any(dim=1) for kk in self.top_k], dim=1)
-        self.index.append(index.long())
-        self.hits.append(hits.float())
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        if isinstance(self.index, list) and not self.index:  # never updated (after a sync: one tensor)
-            return {f"acc{k}": torch.tensor(float("nan"), device=self.device) for k in self.top_k}
-        index = dim_zero_cat(self.index)
-        if index.numel() == 0:
-            return {f"acc{k}": torch.tensor(float("nan"), device=self.device) for k in self.top_k}
-        hits = dim_zero_cat(self.hits)[first_occurrence(index)].mean(dim=0)
-        return {f"acc{k}": hits[i] for i, k in enumerate(self.top_k)}
-
-
-class OmniMAEFinetune(LightningModule):
+class OmniMAEFinetune(OmniMAETask):
     """Fine-tunes (or linearly probes) :class:`~omnimae_pl.models.OmniViTClassifier` on image or video batches.
 
     Batches are dicts (``omnimae_pl.data.sample``): ``input`` (B, 3, H, W) or (B, 3, T, H, W), ``label``,
     ``valid`` (placeholders are left out of the loss and the metrics), ``index``, ``modality``.
 
     Args:
-        size: named model size (tiny, small, base, large, huge); ``model_overrides`` changes its fields.
-        num_classes, img_size, num_frames: linked from the data by the CLI (do not set them in the model's YAML).
+        size: named model size (tiny, small, base, large, huge); ``model_overrides`` changes its fields (not
+            ``patch_size``).
+        num_classes, img_size, num_frames, patch_size: linked from the data by the CLI (do not set them in the
+            model's YAML). ``patch_size`` None keeps the named size's patch.
         drop_path_rate: stochastic depth, linear over the blocks (0.1 in every released fine-tuned model).
         head_init_std: trunc-normal std of the new head (2e-5 IN1K; the official SSv2 config used 0.01).
         head_drop: dropout before the head.
@@ -82,19 +52,18 @@ class OmniMAEFinetune(LightningModule):
             ``load_from_checkpoint`` without the file, pass ``init_from=None``.
         freeze_encoder: linear probing: the encoder is frozen and kept in eval mode; pooled features -> the
             post-pool LayerNorm -> Linear (no BatchNorm); only ``fc_norm`` and ``head`` train.
-        lr: absolute peak lr. When None the peak is ``blr x global batch / 256`` (MAE's rule); the official
-            recipes are 4e-3 at batch 1024 (IN1K) and 1e-3 at batch 256 (SSv2), both ``blr = 1e-3``.
-        blr: base lr per 256 samples, used when ``lr`` is None.
+        lr: absolute peak lr. When None the peak is ``base_lr x global batch / 256`` (MAE's rule); the official
+            recipes are 4e-3 at batch 1024 (IN1K) and 1e-3 at batch 256 (SSv2), both ``base_lr = 1e-3``.
+        base_lr: lr per 256 samples (as in pretraining), used when ``lr`` is None.
         betas, eps, weight_decay: AdamW (no weight decay on biases and norms).
         layer_decay: lr factor per layer (0.65 IN1K-B, 0.75 SSv2); None for none.
         layer_decay_rule: "official" (head x decay, block i x decay^(depth+1-i), patch embed x decay^(depth+2))
             or "mae" (one factor less everywhere: head x 1).
         warmup_fraction: share of all steps for the linear warm-up (0.05 IN1K, 0.125 SSv2 over 40 epochs).
         warmup_start_lr, min_lr: lr at step 0 and at the end of the cosine (both 1e-6 in the official recipes),
-            scaled per group like the peak.
-        max_epochs: schedule length in epochs; None: ``trainer.max_epochs``. ``trainer.max_steps`` caps it.
-            Steps per epoch come from the datamodule (never ``estimated_stepping_batches``).
-        steps_per_epoch: override of the optimiser steps per epoch, when the data cannot tell.
+            scaled per group like the peak. The schedule lasts ``trainer.max_epochs`` (steps per epoch from the
+            datamodule), capped by ``trainer.max_steps``: :meth:`~omnimae_pl.tasks.base.OmniMAETask.schedule_facts`.
+        steps_per_epoch: override of the optimiser steps per epoch the datamodule gives.
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: batch-level Mixup / CutMix (0 and 0: off);
             for videos the CutMix box spans all frames (never cut in time).
         label_smoothing: inside the mixed targets, or in the cross entropy when mixing is off.
@@ -110,13 +79,14 @@ class OmniMAEFinetune(LightningModule):
         num_classes: int = 1000,
         img_size: int = 224,
         num_frames: int = 16,
+        patch_size: tuple[int, int, int] | None = None,
         drop_path_rate: float = 0.1,
         head_init_std: float = 2e-5,
         head_drop: float = 0.0,
         init_from: str | None = None,
         freeze_encoder: bool = False,
         lr: float | None = None,
-        blr: float = 1e-3,
+        base_lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.05,
@@ -125,7 +95,6 @@ class OmniMAEFinetune(LightningModule):
         warmup_fraction: float = 0.05,
         warmup_start_lr: float = 1e-6,
         min_lr: float = 1e-6,
-        max_epochs: int | None = None,
         steps_per_epoch: int | None = None,
         mixup_alpha: float = 0.8,
         cutmix_alpha: float = 1.0,
@@ -142,7 +111,7 @@ class OmniMAEFinetune(LightningModule):
         self.save_hyperparameters()
         self.model: OmniViTClassifier = omnimae_classifier(
             size, num_classes, img_size=img_size, num_frames=num_frames, drop_path_rate=drop_path_rate,
-            head_init_std=head_init_std, head_drop=head_drop, **(model_overrides or {}),
+            head_init_std=head_init_std, head_drop=head_drop, **model_kwargs(model_overrides, patch_size),
         )
         self.init_report: InitReport | None = None
         if init_from:
@@ -163,18 +132,12 @@ class OmniMAEFinetune(LightningModule):
         self.test_acc = DedupTopKAccuracy()
 
     # -- model ----------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.device_mesh is not None and not getattr(self, "_sharded", False):
-            from torch.distributed.fsdp import fully_shard
+    def fsdp_units(self) -> list[nn.Module]:
+        """One unit per encoder block, then the classifier (an inner module, never the LightningModule)."""
+        return [*self.model.encoder.blocks, self.model]
 
-            mesh = self.device_mesh["data_parallel"]
-            for block in self.model.encoder.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)  # an inner module, never the LightningModule
-            self._sharded = True
-        if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.model.encoder.forward_features = torch.compile(self.model.encoder.forward_features, dynamic=False)
-            self._compiled = True
+    def compile_targets(self) -> list[tuple[nn.Module, str]]:
+        return [(self.model.encoder, "forward_features")]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -220,32 +183,18 @@ class OmniMAEFinetune(LightningModule):
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Per-sample logits of an evaluation batch: rows sharing ``index`` (views of one video) are averaged.
-
-        A batch may also hold views on a second axis: (B, V, 3, T, H, W) clips, or (B, V, 3, H, W) images when
-        ``modality`` is "image". Returns ``index``, ``logits``, ``label``, ``valid`` per sample, sorted by index.
-        """
-        x = batch["input"]
-        rows = x.shape[0]
-        views = 1
-        if x.ndim == 6 or (x.ndim == 5 and batch.get("modality") == "image"):
-            views = x.shape[1]
-            x = x.flatten(0, 1)
+        """Per-sample logits of an evaluation batch: rows sharing ``index`` (views of one video, flattened by
+        ``collate_samples``) are averaged. Returns ``index``, ``logits``, ``label``, ``valid`` per sample, sorted by
+        index; a sample is valid when all its views are."""
+        x, index = batch["input"], batch["index"]
         chunk = self.hparams.eval_chunk or x.shape[0]
         logits = torch.cat([self(part) for part in x.split(chunk)]).float()
-        index = batch.get("index")
-        if index is None:  # no ids: every row is its own sample, numbered within the epoch
-            index = torch.arange(rows, device=logits.device) + getattr(self, "_eval_rows", 0)
-            self._eval_rows = getattr(self, "_eval_rows", 0) + rows
-        label, valid = batch["label"], _valid(batch)
-        if views > 1:
-            index, label, valid = (t.repeat_interleave(views) for t in (index, label, valid))
         ids, mean_logits = average_logits_by_id(logits, index)
         first = first_occurrence(index)
         all_valid = torch.ones(len(ids), dtype=torch.long, device=logits.device).scatter_reduce(
-            0, torch.unique(index, return_inverse=True)[1], valid.long(), reduce="amin"
+            0, torch.unique(index, return_inverse=True)[1], _valid(batch).long(), reduce="amin"
         )
-        return {"index": ids, "logits": mean_logits, "label": label[first], "valid": all_valid.bool()}
+        return {"index": ids, "logits": mean_logits, "label": batch["label"][first], "valid": all_valid.bool()}
 
     def _eval_step(self, batch: dict, stage: str, metric: DedupTopKAccuracy) -> dict[str, torch.Tensor]:
         out = self.evaluate(batch)
@@ -265,11 +214,6 @@ class OmniMAEFinetune(LightningModule):
             self.log(f"{stage}/{name}", value, prog_bar=name == "acc1", sync_dist=True)
         metric.reset()
 
-    def on_validation_epoch_start(self) -> None:
-        self._eval_rows = 0
-
-    on_test_epoch_start = on_validation_epoch_start
-
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val", self.val_acc)
 
@@ -286,92 +230,43 @@ class OmniMAEFinetune(LightningModule):
         return self.evaluate(batch)
 
     # -- optimisation ---------------------------------------------------------------------------------
-    def schedule_facts(self) -> dict:
-        """Per-device batch, global batch, optimiser steps per epoch and in the schedule, from the config."""
-        trainer = self.trainer
-        accumulate = trainer.accumulate_grad_batches
-        batch_size, batches = _train_batches(trainer)
-        steps_per_epoch = self.hparams.steps_per_epoch or math.ceil(batches / accumulate)
-        epochs = self.hparams.max_epochs or (trainer.max_epochs if (trainer.max_epochs or -1) > 0 else None)
-        total = steps_per_epoch * epochs if epochs else None
-        if trainer.max_steps and trainer.max_steps > 0:
-            total = min(total, trainer.max_steps) if total else trainer.max_steps
-        if not total:
-            raise ValueError("set trainer.max_epochs (or model.max_epochs) or trainer.max_steps: the lr schedule needs a length")
-        return {
-            "batch_size": batch_size,
-            "global_batch": batch_size * trainer.world_size * accumulate,
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": total,
-        }
+    def optimizer_steps_per_epoch(self) -> int:
+        return self.hparams.steps_per_epoch or super().optimizer_steps_per_epoch()
 
-    def peak_lr(self, global_batch: int) -> float:
-        if self.hparams.lr is not None:
-            return float(self.hparams.lr)
-        return self.hparams.blr * global_batch / 256
+    def peak_lr(self, facts: dict) -> float:
+        """``lr`` when given, else ``base_lr x global batch / 256``."""
+        return float(self.hparams.lr) if self.hparams.lr is not None else super().peak_lr(facts)
+
+    def layer_of(self, name: str) -> int:
+        """Layer of a classifier parameter for layer-wise lr decay: the encoder's own numbering for
+        ``encoder.*``, depth + 1 (the top) for ``fc_norm`` and ``head``."""
+        encoder = self.model.encoder
+        if name.startswith("encoder."):
+            return encoder.layer_id(name.removeprefix("encoder."))
+        return len(encoder.blocks) + 1
 
     def configure_optimizers(self):
         facts = self.schedule_facts()
-        peak = self.peak_lr(facts["global_batch"])
+        peak = self.peak_lr(facts)
         hp = self.hparams
         layer_decay = None if hp.freeze_encoder else hp.layer_decay
         groups = param_groups(
-            self.model.named_parameters(), hp.weight_decay, layer_decay, len(self.model.encoder.blocks),
+            self.model.named_parameters(), hp.weight_decay, layer_decay, self.layer_of, len(self.model.encoder.blocks),
             hp.layer_decay_rule,
         )
-        for group in groups:
-            group["lr"] = peak * group["lr_scale"]
-        how = f"lr {peak:.3g}" if hp.lr is not None else f"{peak:.3g} = blr {hp.blr:g} x {facts['global_batch']} / 256"
+        global_batch = max(facts["global_batch"].values())  # one modality
+        how = f"lr {peak:.3g}" if hp.lr is not None else f"{peak:.3g} = base lr {hp.base_lr:g} x {global_batch} / 256"
         rank_zero_info(
-            f"OmniMAE fine-tuning: peak {how}; global batch {facts['global_batch']}; "
+            f"OmniMAE fine-tuning: peak {how}; global batch {global_batch}; "
             f"{facts['steps_per_epoch']} steps per epoch, {facts['total_steps']} in the schedule; "
             f"layer decay {layer_decay} ({hp.layer_decay_rule} rule), {len(groups)} parameter groups"
         )
-        optimizer = torch.optim.AdamW(
-            groups, lr=peak, betas=tuple(hp.betas), eps=hp.eps, fused=fused_adamw(self.device)
+        return self.adamw_warmup_cosine(
+            groups, peak, facts["total_steps"], hp.warmup_fraction, hp.warmup_start_lr, hp.min_lr,
+            rebase_cosine=True, betas=tuple(hp.betas), eps=hp.eps,
         )
-        total, warm = facts["total_steps"], hp.warmup_fraction
-        start, end = hp.warmup_start_lr / peak, hp.min_lr / peak
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warm, start, end, rebase_cosine=True)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def _valid(batch: dict) -> torch.Tensor:
-    label = batch["label"]
-    valid = batch.get("valid")
-    valid = torch.ones_like(label, dtype=torch.bool) if valid is None else valid.bool()
-    return valid & (label >= 0)
-
-
-def _train_batches(trainer) -> tuple[int, int]:
-    """(per-device batch size, batches per device per epoch) of the training data, without iterating it.
-
-    Asks the datamodule first (``steps_per_epoch(world_size, rank)`` / ``batch_size``), else reads the train
-    DataLoader: its dataset length split over the devices, its batch size and ``drop_last``.
-    """
-    dm = trainer.datamodule
-    world, rank = trainer.world_size, trainer.global_rank
-    batch_size = getattr(dm, "batch_size", None) if dm is not None else None
-    batches = None
-    if dm is not None and callable(getattr(dm, "steps_per_epoch", None)):
-        batches = int(dm.steps_per_epoch(world, rank))
-    if batches is None or batch_size is None:
-        loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
-        batch_size = batch_size or loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
-        if batches is None:
-            if loader.batch_size is None:  # a custom batch sampler: trust its length (per device)
-                batches = len(loader)
-            else:
-                injected = getattr(trainer._accelerator_connector, "use_distributed_sampler", True) and world > 1
-                per_device = math.ceil(len(loader.dataset) / world) if injected else len(loader.sampler)
-                batches = per_device // loader.batch_size if loader.drop_last else math.ceil(
-                    per_device / loader.batch_size
-                )
-    limit = trainer.limit_train_batches
-    if isinstance(limit, int):
-        batches = min(batches, limit)
-    elif limit is not None and limit < 1.0:
-        batches = int(batches * limit)
-    return int(batch_size or 1), max(int(batches), 1)
+    """Rows that count: readable samples with a label."""
+    return batch["valid"].bool() & (batch["label"] >= 0)

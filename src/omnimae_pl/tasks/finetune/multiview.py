@@ -6,9 +6,10 @@ video datasets' evaluation mode (``VideoClipDataset(train=False, num_clips=5, nu
 item ``i`` is a list of 15 samples with ``index = i``, which ``collate_samples`` flattens, so a batch holds whole
 videos.
 
-* :func:`average_logits_by_id` averages rows of logits that share an id: the LightningModule applies it to every
-  evaluation batch (a no-op for single-view data, where ids are unique).
-* :func:`first_occurrence` de-duplicates by id, for the padded duplicates of a ``DistributedSampler``.
+* :func:`average_logits_by_id` averages rows of logits that share an id: ``OmniMAEFinetune.evaluate`` applies it
+  to every evaluation batch (a no-op for single-view data, where ids are unique).
+* :func:`first_occurrence` de-duplicates by id, for the padded duplicates of a ``DistributedSampler``
+  (:class:`~omnimae_pl.tasks.finetune.metrics.DedupTopKAccuracy`).
 """
 
 from __future__ import annotations
