@@ -1,4 +1,4 @@
-"""Layer-wise lr decay (spec 7.3) and the fine-tuning schedule, as the optimiser sees them after configure_optimizers."""
+"""Layer-wise lr decay and the fine-tuning schedule, as the optimiser sees them after configure_optimizers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fixed-count masking (spec §2): exact counts, mask geometry per type, determinism, argument checks."""
+"""Fixed-count masking: exact counts, mask geometry per type, determinism, argument checks."""
 
 from __future__ import annotations
 

@@ -51,17 +51,21 @@ class OmniCLI(LightningCLI):
         for key in ("img_size", "num_frames", "patch_size", "num_classes"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        """A ``--ckpt_path`` file is read here first, safely (a refused file stops the run before anything is
-        built); resuming a fit continues the wandb run stored in it."""
-        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+    def _parse_ckpt_path(self) -> None:
+        """A ``--ckpt_path`` file (or ``last``) is read here first, safely: a refused file stops the run before
+        anything is built. Resuming a fit continues the wandb run stored in it.
+
+        Lightning's own version would load the file without this check and lay the checkpoint's hyper-parameters
+        over the command line; here the config stays what the user wrote, for a file as for ``last``."""
+        subcommand = self.config.get("subcommand")
+        cfg = self.config.get(subcommand) if subcommand else None
         if cfg is None or not cfg.get("ckpt_path"):
             return
         path = _resolve_checkpoint(cfg)
         if path is None or not path.is_file():
             return
         run_id = load_checkpoint(path).get(WANDB_RUN_ID_KEY)
-        if self.subcommand != "fit" or not run_id:
+        if subcommand != "fit" or not run_id:
             return
         logger = cfg.trainer.get("logger")
         for lg in logger if isinstance(logger, list) else [logger]:
@@ -92,8 +96,21 @@ def main(args: list[str] | None = None) -> None:
             importlib.import_module(TOOLS[args[0]][0]).main(args[1:])
         else:
             run_cli(args)
-    except CheckpointError as err:  # a refused or unreadable file: the user's to fix, one line says it all
-        sys.exit(f"omnimae-cli: error: {err}")
+    except Exception as err:
+        mistake = _user_mistake(err)
+        if mistake is None:
+            raise
+        sys.exit(f"omnimae-cli: error: {mistake}")
+
+
+def _user_mistake(err: BaseException | None) -> BaseException | None:
+    """The user's mistake behind ``err`` (a refused file...), also when jsonargparse wrapped it while building a
+    class; None for anything else, which keeps its traceback."""
+    while err is not None:
+        if isinstance(err, CheckpointError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> OmniCLI:

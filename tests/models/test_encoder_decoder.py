@@ -1,4 +1,4 @@
-"""Encoder on visible tokens only, decoder layout and order (spec §1.4-§1.7)."""
+"""Encoder on visible tokens only, decoder layout and order."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_decoder_widths_and_biases():
     assert enc.blocks[0].norm1.eps == 1e-6
     assert isinstance(enc.blocks[0].mlp.act, nn.GELU) and enc.blocks[0].mlp.act.approximate == "none"
     assert dec.pred.weight.shape == (2 * 4 * 4 * 3, D_DEC)
-    # init (spec §1.6): xavier linears with zero bias, unit LayerNorms, pixel head std 0.02 with zero bias
+    # init: xavier linears with zero bias, unit LayerNorms, pixel head std 0.02 with zero bias
     assert torch.equal(enc.blocks[0].attn.qkv.bias, torch.zeros(3 * D_ENC))
     assert torch.equal(dec.decoder_embed.bias, torch.zeros(D_DEC))
     assert torch.equal(dec.norm.weight, torch.ones(D_DEC))

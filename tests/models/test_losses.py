@@ -1,4 +1,4 @@
-"""The reconstruction loss (spec §3): per-channel normalised (t, h, w, c) targets, masked-token batch mean."""
+"""The reconstruction loss: per-channel normalised (t, h, w, c) targets, masked-token batch mean."""
 
 from __future__ import annotations
 

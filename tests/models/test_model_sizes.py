@@ -1,4 +1,4 @@
-"""Model sizes of spec §1.1: token counts at 224, parameter counts and checkpoint key counts per size.
+"""Model sizes: token counts at 224, parameter counts and checkpoint key counts per size.
 
 The big models are never built for real: token counts come from narrow overrides that keep the patch and
 the positional layout, parameter counts from a meta-device build when the code allows it, else from two

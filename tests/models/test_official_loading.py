@@ -1,7 +1,7 @@
-"""load_official (spec §8): state dicts in the released key layout, written here from our own models.
+"""load_official: state dicts in the released key layout, written here from our own models.
 
 ``to_official`` is written independently of ``omnimae_pl.models.official``: it maps our keys onto the
-official names and shapes listed in the spec, and fails on any key of ours that has no official counterpart.
+official names and shapes of the released files, and fails on any key of ours that has no official counterpart.
 """
 
 from __future__ import annotations

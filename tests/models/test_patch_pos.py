@@ -1,4 +1,4 @@
-"""Patch embedding, patchify order and the fixed positional table (spec §1.2, §1.3)."""
+"""Patch embedding, patchify order and the fixed positional table."""
 
 from __future__ import annotations
 

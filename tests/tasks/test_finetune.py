@@ -49,7 +49,7 @@ def _trainer(**kw):
 
 
 def _official(model) -> dict[str, torch.Tensor]:
-    """Our names -> the released layout (spec 8), written here independently of models.official."""
+    """Our names -> the released layout, written here independently of models.official."""
     rules = [
         ("encoder.patch_embed.proj.", "trunk.patch_embed.proj.1."),
         ("encoder.", "trunk."),

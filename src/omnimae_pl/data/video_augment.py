@@ -202,7 +202,7 @@ def _normalise_frames(frames: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ImageFinetuneTransform:
-    """IN1K fine-tuning (spec 7.1), an ``ImageNet(transform=...)``: ``(PIL image, generator) -> (3, S, S)``."""
+    """IN1K fine-tuning (the official recipe), an ``ImageNet(transform=...)``: ``(PIL image, generator) -> (3, S, S)``."""
 
     size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)
@@ -239,7 +239,7 @@ class ImageFinetuneTransform:
 
 @dataclass(frozen=True)
 class VideoFinetuneTransform:
-    """SSv2 fine-tuning (spec 7.2), a drop-in for ``VideoTrainTransform``: uint8 (T, H, W, 3) clip and a
+    """SSv2 fine-tuning (the official recipe), a drop-in for ``VideoTrainTransform``: uint8 (T, H, W, 3) clip and a
     generator -> normalised float32 (3, T, S, S). One crop, one RandAugment draw and one erasing box for all
     frames; ``hflip_prob`` 0 (SSv2) unless a dataset without left / right classes wants it."""
 

@@ -102,7 +102,8 @@ def load_classifier_weights(
         raise ValueError(
             f"init_from {weights.name} ({weights.describe()}, hparams {_hp(weights.hparams)}) does not fit the "
             f"model (ViT {model.encoder.embed_dim} x {len(model.encoder.blocks)}, patch "
-            f"{model.encoder.patch_size}): {shown}. Set model.size / model.model_overrides to the checkpoint's."
+            f"{model.encoder.patch_size}): {shown}. Set model.size / model.model_overrides and data.patch_size to "
+            "the checkpoint's."
         )
 
     head_reason = _head_reason(weights, model, load_head)
@@ -155,6 +156,6 @@ def _other_reason(key: str) -> str:
 
 
 def _hp(hparams: dict) -> str:
-    keys = ("size", "model_overrides", "img_size", "num_frames")
+    keys = ("size", "model_overrides", "patch_size", "img_size", "num_frames")
     picked = {k: hparams[k] for k in keys if k in hparams}
     return str(picked) if picked else "n/a"

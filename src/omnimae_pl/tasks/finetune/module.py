@@ -1,6 +1,6 @@
 """Fine-tuning, linear probing and evaluation of an OmniMAE classifier on images or videos.
 
-Recipes (spec 7.1 / 7.2): AdamW (0.9, 0.999), per-step linear warm-up from 1e-6 then a cosine to 1e-6, both
+Recipes (the official IN1K / SSv2 ones): AdamW (0.9, 0.999), per-step linear warm-up from 1e-6 then a cosine to 1e-6, both
 "rescaled" (the cosine restarts after the warm-up); no weight decay on biases and norms; layer-wise lr decay with
 the official rule (every group one factor of ``layer_decay`` below MAE's, the head included); drop path 0.1;
 Mixup 0.8 / CutMix 1.0 / label smoothing 0.1 on the batch (:mod:`omnimae_pl.tasks.finetune.mixup`). Per-sample
