@@ -1,0 +1,3 @@
+from omnimae_pl.bench.cli import main
+
+main()
