@@ -18,14 +18,14 @@ def test_help_exits_0_with_usage(capsys):
         omnimae_pl.bench.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: omnimae-bench") and "--end-to-end" in out
+    assert out.startswith("usage: omnimae-cli bench") and "--end-to-end" in out
 
 
 def test_main_reads_sys_argv_without_argv(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["omnimae-bench", "--help"])
+    monkeypatch.setattr(sys, "argv", ["omnimae-cli", "--help"])
     with pytest.raises(SystemExit):
         omnimae_pl.bench.main()
-    assert "usage: omnimae-bench" in capsys.readouterr().out
+    assert "usage: omnimae-cli bench" in capsys.readouterr().out
 
 
 def test_cpu_smoke_reports_every_field(tiny, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Training-step benchmark: samples/s, MFU, peak memory, eager vs torch.compile, optional official side by side.
 
-Run ``python -m omnimae_pl.bench --size base`` (or ``omnimae-bench``) on a GPU (bf16 autocast), or
+Run ``omnimae-cli bench --size base`` on a GPU (bf16 autocast), or
 ``python -m omnimae_pl.bench --size tiny --img-size 32 --num-frames 4`` on a CPU (fp32) as a smoke test.
 Figures and the commands behind them: docs/benchmarks.md.
 

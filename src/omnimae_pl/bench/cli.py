@@ -1,4 +1,4 @@
-"""``omnimae-bench`` / ``python -m omnimae_pl.bench``: options, defaults per device, the order of the runs,
+"""``omnimae-cli bench`` / ``python -m omnimae_pl.bench``: options, defaults per device, the order of the runs,
 the environment, the summary and the JSON."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ DERIVED = ("batches", "modalities", "mask_ratios", "spec")  # set from the optio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omnimae-bench", description=DESCRIPTION)
+    p = argparse.ArgumentParser(prog="omnimae-cli bench", description=DESCRIPTION)
     _model_options(p.add_argument_group("model and batches"))
     _timing_options(p.add_argument_group("timing"))
     _extra_options(p.add_argument_group("end to end, official model, profiles, output"))
