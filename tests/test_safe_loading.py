@@ -11,6 +11,7 @@ import yaml
 from cli_helpers import DEMO, REPO, run_config
 
 from omnimae_pl.cli import main
+from omnimae_pl.errors import EXIT_USER_ERROR
 from omnimae_pl.export import export_timm, load_timm
 from omnimae_pl.models import load_official, omnimae_pretrain
 from omnimae_pl.models.checkpoints import CheckpointError, load_checkpoint, load_pretrain_model, read_weights
@@ -55,34 +56,36 @@ def test_python_entry_points_refuse(evil, read):
     assert not marker.exists()
 
 
-def _refused_by_cli(args: list[str], path: pathlib.Path, marker: pathlib.Path) -> None:
+def _refused_by_cli(args: list[str], path: pathlib.Path, marker: pathlib.Path, capsys) -> None:
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(args)
-    message = str(exit_info.value.code)
+    assert exit_info.value.code == EXIT_USER_ERROR
+    message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("omnimae-cli: error: ") and str(path) in message and REFUSED in message
-    assert "\n" not in message
     assert not marker.exists()
 
 
-def test_tools_refuse(evil, tmp_path, demo_root):
+def test_tools_refuse(evil, tmp_path, demo_root, capsys):
     path, marker = evil
     image = next((demo_root / "imagenet" / "val").rglob("*.JPEG"))
     _refused_by_cli(["reconstruct", "--checkpoint", str(path), "--inputs", str(image), "--out-dir",
-                     str(tmp_path / "recon")], path, marker)
-    _refused_by_cli(["export", str(path), str(tmp_path / "out.pth")], path, marker)
+                     str(tmp_path / "recon")], path, marker, capsys)
+    _refused_by_cli(["export", str(path), str(tmp_path / "out.pth")], path, marker, capsys)
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
-def test_ckpt_path_file_and_last_are_refused(evil, tmp_path, demo_root, subcommand):
+def test_ckpt_path_file_and_last_are_refused(evil, tmp_path, demo_root, subcommand, capsys):
     path, marker = evil
     cfg = run_config(demo_root, tmp_path)  # its ModelCheckpoint writes to tmp_path/ckpt: `last` is the evil file
     for ckpt_path in (str(path), "last"):
-        _refused_by_cli([subcommand, "--config", DEMO, "--config", str(cfg), "--ckpt_path", ckpt_path], path, marker)
+        args = [subcommand, "--config", DEMO, "--config", str(cfg), "--ckpt_path", ckpt_path]
+        _refused_by_cli(args, path, marker, capsys)
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
 @pytest.mark.parametrize("config", ["demo.yaml", "linear_probe.yaml"])
-def test_init_from_through_the_cli_is_refused(evil, tmp_path, demo_root, subcommand, config):
+def test_init_from_through_the_cli_is_refused(evil, tmp_path, demo_root, subcommand, config, capsys):
     """Fine-tuning, evaluation and the linear probe start from ``model.init_from``: refused before any step."""
     path, marker = evil
     layer = tmp_path / "layer.yaml"
@@ -96,4 +99,4 @@ def test_init_from_through_the_cli_is_refused(evil, tmp_path, demo_root, subcomm
                     "max_steps": 1},
     }))
     base = REPO / "configs" / "finetune" / config
-    _refused_by_cli([subcommand, "--config", str(base), "--config", str(layer)], path, marker)
+    _refused_by_cli([subcommand, "--config", str(base), "--config", str(layer)], path, marker, capsys)

@@ -14,7 +14,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from omnimae_pl.callbacks import WANDB_RUN_ID_KEY
-from omnimae_pl.models.checkpoints import CheckpointError, load_checkpoint
+from omnimae_pl.errors import find_user_error
+from omnimae_pl.models.checkpoints import load_checkpoint
 
 WANDB_OFFLINE = {
     "class_path": "lightning.pytorch.loggers.WandbLogger",
@@ -97,20 +98,11 @@ def main(args: list[str] | None = None) -> None:
         else:
             run_cli(args)
     except Exception as err:
-        mistake = _user_mistake(err)
+        mistake = find_user_error(err)
         if mistake is None:
             raise
-        sys.exit(f"omnimae-cli: error: {mistake}")
-
-
-def _user_mistake(err: BaseException | None) -> BaseException | None:
-    """The user's mistake behind ``err`` (a refused file...), also when jsonargparse wrapped it while building a
-    class; None for anything else, which keeps its traceback."""
-    while err is not None:
-        if isinstance(err, CheckpointError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
+        print(f"omnimae-cli: error: {mistake}", file=sys.stderr)
+        sys.exit(mistake.exit_code)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> OmniCLI:

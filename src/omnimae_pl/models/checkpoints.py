@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omnimae_pl.errors import UserError
 from omnimae_pl.models.classifier import OmniViTClassifier
 from omnimae_pl.models.factory import model_size, num_heads_for, omnimae_pretrain
 from omnimae_pl.models.official import convert_official, infer_official_size, official_model, unwrap_trainer_state
@@ -33,7 +34,7 @@ from omnimae_pl.models.pos_embed import table_layout
 Source = str | PathLike | Mapping[str, torch.Tensor] | nn.Module
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A weights file that is refused or unreadable; the message names the file and says why."""
 
 

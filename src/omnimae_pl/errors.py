@@ -1,0 +1,27 @@
+"""What ends a run on purpose, and the exit code each gives (README "When things go wrong").
+
+A user's mistake (a bad config value, a refused or unreadable file) is a :class:`UserError`: ``omnimae-cli``
+prints its one-line message, no traceback, and exits with its code. Anything else is a bug and keeps its
+traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2  # fix the config or the file, then run again
+EXIT_DIVERGED = 3  # the loss or the gradients stayed non-finite: lower the lr or look at the data
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint of the last step was saved; requeue with --ckpt_path last
+
+
+class UserError(ValueError):
+    """A mistake the user can fix; its message names the key or file and what is accepted."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+def find_user_error(err: BaseException | None) -> UserError | None:
+    """The :class:`UserError` behind ``err``, also when a library (jsonargparse building a class) wrapped it."""
+    while err is not None:
+        if isinstance(err, UserError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
