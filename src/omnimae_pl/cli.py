@@ -115,7 +115,8 @@ def _resolve_checkpoint(cfg) -> Path | None:
     if ckpt != "last":
         return None
     for cb in cfg.trainer.get("callbacks") or []:
-        if getattr(cb, "class_path", "").endswith("ModelCheckpoint") and cb.init_args.get("dirpath"):
+        is_checkpoint = getattr(cb, "class_path", "").endswith(("ModelCheckpoint", "ResumableCheckpoint"))
+        if is_checkpoint and cb.init_args.get("dirpath"):
             return Path(cb.init_args["dirpath"]) / "last.ckpt"
     return None
 

@@ -1,11 +1,14 @@
 """What ends a run on purpose, and the exit code each gives (README "When things go wrong").
 
 A user's mistake (a bad config value, a refused or unreadable file) is a :class:`UserError`: ``omnimae-cli``
-prints its one-line message, no traceback, and exits with its code. Anything else is a bug and keeps its
-traceback (exit 1).
+prints its one-line message, no traceback, and exits with its code. A run that stops on purpose once its state
+is safe (:class:`Preempted`, :class:`Diverged`) raises a :class:`RunStopped`, a ``SystemExit`` with its code.
+Anything else is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
+
+import sys
 
 EXIT_USER_ERROR = 2  # fix the config or the file, then run again
 EXIT_DIVERGED = 3  # the loss or the gradients stayed non-finite: lower the lr or look at the data
@@ -25,3 +28,33 @@ def find_user_error(err: BaseException | None) -> UserError | None:
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+class RunStopped(SystemExit):
+    """A run ended on purpose once its state was safe. A ``SystemExit`` (as Lightning's own ``SIGTERMException``),
+    so the process exits with :attr:`exit_code` however ``fit`` was started, and ``except Exception`` in a caller
+    does not swallow it. Rank 0 prints the one line that says why (:meth:`announce`) before it is raised."""
+
+    exit_code: int
+
+    def __init__(self, message: str) -> None:
+        super().__init__(self.exit_code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def announce(self) -> None:
+        print(f"omnimae-pl: {self.message}", file=sys.stderr, flush=True)
+
+
+class Preempted(RunStopped):
+    """SIGTERM, SIGUSR1 or SIGINT: ``last.ckpt`` holds the step the run stopped at."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class Diverged(RunStopped):
+    """Too many steps in a row had a non-finite loss or gradient norm, or the weights stopped being finite."""
+
+    exit_code = EXIT_DIVERGED

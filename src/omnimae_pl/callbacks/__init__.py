@@ -1,4 +1,6 @@
-"""Callbacks Lightning does not already have: wandb run continuity, per-modality speed, and a run summary."""
+"""Callbacks Lightning does not already have: wandb run continuity, per-modality speed, a run summary,
+reconstruction pictures, checkpoints a preemptible run can trust (:class:`ResumableCheckpoint`) and the end of a
+run that keeps producing non-finite steps (:class:`StopOnNonFinite`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+# configs name them omnimae_pl.callbacks.<Name>
+from omnimae_pl.callbacks.checkpoint import ResumableCheckpoint
+from omnimae_pl.callbacks.nonfinite import StopOnNonFinite  # noqa: F401
 
 WANDB_RUN_ID_KEY = "wandb_run_id"
 
@@ -84,7 +90,8 @@ class RunSummary(Callback):
             if isinstance(cb, ModelCheckpoint) and cb.dirpath:
                 lines.append(f"  checkpoints:      {Path(cb.dirpath).resolve()}")
                 if cb.last_model_path:
-                    lines.append(f"  last checkpoint:  {Path(cb.last_model_path).resolve()}")
+                    step = f" (step {cb.last_model_step})" if isinstance(cb, ResumableCheckpoint) else ""
+                    lines.append(f"  last checkpoint:  {Path(cb.last_model_path).resolve()}{step}")
         for logger in trainer.loggers:
             where = getattr(logger.experiment, "dir", None) if isinstance(logger, WandbLogger) else logger.log_dir
             lines.append(f"  {type(logger).__name__}: {where}")

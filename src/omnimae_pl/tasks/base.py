@@ -1,6 +1,6 @@
 """What pretraining and fine-tuning share: FSDP2 sharding and ``torch.compile`` in ``configure_model``, the
-model's build arguments, the schedule's facts (from the datamodule's public API) and AdamW with a warm-up +
-cosine schedule."""
+model's build arguments, the schedule's facts (from the datamodule's public API), AdamW with a warm-up +
+cosine schedule, and the skipping of steps whose loss or gradients are not finite."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from omnimae_pl.finite import nonfinite_flag
 from omnimae_pl.optim import fused_adamw, warmup_cosine
 
 
@@ -37,6 +38,7 @@ class OmniMAETask(LightningModule):
 
     _sharded = False
     _compiled = False
+    skipped_steps = 0  # steps whose update was skipped (non-finite loss or gradients), over the whole run
 
     def fsdp_units(self) -> list[nn.Module]:
         """Modules to ``fully_shard``, inner ones first (never the LightningModule itself)."""
@@ -125,6 +127,43 @@ class OmniMAETask(LightningModule):
             lambda step: warmup_cosine(step, total_steps, warmup_fraction, start, end, rebase_cosine=rebase_cosine),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- steps whose loss or gradients are not finite ----------------------------------------------------
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Runs the closure (``training_step`` and backward), then steps the optimizer unless the loss or the
+        gradient norm is not finite on some rank. A skipped step leaves the weights and AdamW's moments and step
+        count as they were, is counted in :attr:`skipped_steps` and logged as ``train/skipped_steps`` (the count so
+        far); :class:`~omnimae_pl.callbacks.StopOnNonFinite` ends a run that keeps skipping.
+
+        A skipped step still counts as a step: ``global_step`` and the per-step lr schedule advance, so the
+        schedule, ``max_steps`` and the data position stay those of the run without the bad batch. With
+        gradient accumulation the check covers the accumulated gradient and the last micro-batch's loss."""
+
+        def checked_closure():
+            loss = optimizer_closure()
+            if not self._finite_step(loss, optimizer):
+                # AdamW passes over parameters without a gradient: no update, no moment decay, no step count
+                optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+            return loss
+
+        optimizer.step(closure=checked_closure)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
+    def _finite_step(self, loss: torch.Tensor | None, optimizer) -> bool:
+        """Whether the loss and every gradient are finite on every rank: the flag is all-reduced, so the ranks
+        all skip or all step (FSDP2 shards and per-rank losses differ)."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = nonfinite_flag(grads if loss is None else [*grads, loss.detach()])
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad.to(self.device), reduce_op="sum")
+        return not bad.item()  # the step's one read of the device: the decision must be known before stepping
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
 
 def _datamodule(trainer):
