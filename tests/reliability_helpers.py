@@ -42,6 +42,19 @@ def fit_in_process(config: Path, *callbacks: Callback, ckpt_path: Path | None = 
     return cli
 
 
+class Poison(Callback):
+    """One NaN pixel in the batch of each of ``steps`` (1-based, as ``global_step`` after the step), on every rank
+    or on ``rank`` only."""
+
+    def __init__(self, steps: list[int], rank: int | None = None) -> None:
+        self.steps = set(steps)
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 in self.steps and self.rank in (None, trainer.global_rank):
+            batch["input"][(0,) * batch["input"].ndim] = float("nan")
+
+
 class StepLog(Callback):
     """Appends ``{"step", "modality", "loss"}`` to a JSON-lines file at the end of every step (rank 0), flushed at
     once: the loss curve of a run, and its progress while it runs."""

@@ -10,20 +10,9 @@ import torch
 import yaml
 from cli_helpers import DEMO, run_config
 from lightning.pytorch import Callback
-from reliability_helpers import checkpointed_config, fit_in_process, start_fit
+from reliability_helpers import Poison, checkpointed_config, fit_in_process, start_fit
 
 from omnimae_pl.errors import EXIT_DIVERGED
-
-
-class Poison(Callback):
-    """One NaN pixel in the batch of each of ``steps`` (1-based, as ``global_step`` after the step)."""
-
-    def __init__(self, steps) -> None:
-        self.steps = set(steps)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step + 1 in self.steps:
-            batch["input"][(0,) * batch["input"].ndim] = float("nan")
 
 
 class Snapshots(Callback):
