@@ -13,6 +13,7 @@ from lightning.pytorch import Callback
 from reliability_helpers import Poison, checkpointed_config, fit_in_process, start_fit
 
 from omnimae_pl.errors import EXIT_DIVERGED
+from omnimae_pl.finite import nonfinite_flag
 
 
 class Snapshots(Callback):
@@ -39,6 +40,20 @@ class Snapshots(Callback):
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_fused_flag_over_the_loss_and_every_gradient(bad):
+    def tensors(grad_value=0.5, loss_value=0.7):  # gradients and a 0-dim loss
+        grads = [torch.randn(5, 3), torch.randn(7)]
+        grads[1][4] = grad_value
+        return [*grads, torch.tensor(loss_value)]
+
+    assert nonfinite_flag(tensors()).item() == 0.0
+    assert nonfinite_flag(tensors(grad_value=bad)).item() == 1.0
+    assert nonfinite_flag(tensors(loss_value=bad)).item() == 1.0
+    assert nonfinite_flag([torch.full((2,), 3e38)]).item() == 1.0  # finite values, a norm beyond float32
+    assert nonfinite_flag([]).item() == 0.0
 
 
 def test_a_nan_batch_skips_the_update_and_training_goes_on(demo_root, tmp_path):
