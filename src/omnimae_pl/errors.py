@@ -9,6 +9,8 @@ Anything else is a bug and keeps its traceback (exit 1).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 EXIT_USER_ERROR = 2  # fix the config or the file, then run again
 EXIT_DIVERGED = 3  # the loss or the gradients stayed non-finite: lower the lr or look at the data
@@ -58,3 +60,28 @@ class Diverged(RunStopped):
     """Too many steps in a row had a non-finite loss or gradient norm, or the weights stopped being finite."""
 
     exit_code = EXIT_DIVERGED
+
+
+class ConfigError(UserError):
+    """A config value that is not accepted: ``<full key>=<value>: <what is accepted>``, e.g.
+    ``data.init_args.replicas=0: must be an integer >= 1``."""
+
+
+def check_value(ok: bool, key: str, value: object, accepted: str) -> None:
+    """Raise :class:`ConfigError` for ``key`` unless ``ok``; ``accepted`` says what would be ("must be ...")."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {accepted}")
+
+
+class DatasetError(UserError):
+    """A dataset folder or annotation file that is missing, empty or inconsistent; the message names the path."""
+
+
+@contextmanager
+def config_prefix(prefix: str) -> Iterator[None]:
+    """Inside, a :class:`ConfigError` gets ``prefix`` before its key (``model.init_args`` + ``size``): for a part
+    that checks its own arguments without knowing where they sit in the config."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}.{err}") from err

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Literal, get_args
 
 import torch
 
-MASK_TYPES = ("random", "tube", "frame", "causal")
+from omnimae_pl.errors import check_value
+
+# A Literal, so that the CLI refuses an unknown type while parsing, naming the key and the accepted values.
+MaskType = Literal["random", "tube", "frame", "causal"]
+MASK_TYPES: tuple[str, ...] = get_args(MaskType)
 Grid = tuple[int, int, int]
 
 
@@ -86,16 +91,21 @@ def _random_flat(n: int, n_masked: int, generator: torch.Generator | None) -> to
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """Masking of one modality: ``mask_type`` in MASK_TYPES and the fraction of tokens hidden."""
+    """Masking of one modality: ``mask_type`` in MASK_TYPES and the fraction of tokens hidden.
 
-    mask_type: str = "random"
+    A value that is not accepted raises :class:`~omnimae_pl.errors.ConfigError` naming ``<key>.mask_type`` or
+    ``<key>.ratio``; a datamodule's per-modality subclasses set ``key`` to their own argument, so that the message
+    says which modality's masking is wrong."""
+
+    mask_type: MaskType = "random"
     ratio: float = 0.9
+    key: ClassVar[str] = "masking"
 
     def __post_init__(self) -> None:
-        if self.mask_type not in MASK_TYPES:
-            raise ValueError(f"unknown mask_type {self.mask_type!r}; choose one of {MASK_TYPES}")
-        if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"mask ratio must be in [0, 1), got {self.ratio}")
+        check_value(self.mask_type in MASK_TYPES, f"{self.key}.mask_type", self.mask_type,
+                    f"must be one of {MASK_TYPES}")
+        check_value(0.0 <= self.ratio < 1.0, f"{self.key}.ratio", self.ratio,
+                    "must be in [0, 1): the fraction of tokens hidden")
 
     def __call__(self, grid: Grid, generator: torch.Generator | None = None) -> torch.Tensor:
         return make_mask(grid, self.ratio, self.mask_type, generator)

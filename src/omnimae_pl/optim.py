@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-LAYER_DECAY_RULES = ("official", "mae")
+from omnimae_pl.errors import check_value
+
+# A Literal, so that the CLI refuses an unknown rule while parsing, naming the key and the accepted values.
+LayerDecayRule = Literal["official", "mae"]
+LAYER_DECAY_RULES: tuple[str, ...] = get_args(LayerDecayRule)
 
 
 def fused_adamw(device: torch.device) -> bool | None:
@@ -23,11 +28,10 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
-def layer_scale(layer: int, depth: int, decay: float, rule: str = "official") -> float:
+def layer_scale(layer: int, depth: int, decay: float, rule: LayerDecayRule = "official") -> float:
     """lr multiplier of a layer. The official rule gives every group one extra factor of ``decay`` compared
     with MAE's (the head gets ``decay``, not 1), so the two train at different speeds for the same lr."""
-    if rule not in LAYER_DECAY_RULES:
-        raise ValueError(f"unknown layer_decay_rule {rule!r}; choose one of {LAYER_DECAY_RULES}")
+    check_value(rule in LAYER_DECAY_RULES, "layer_decay_rule", rule, f"must be one of {LAYER_DECAY_RULES}")
     top = depth + 2 if rule == "official" else depth + 1
     return decay ** (top - layer)
 
@@ -38,7 +42,7 @@ def param_groups(
     layer_decay: float | None = None,
     layer_of: Callable[[str], int] | None = None,
     depth: int | None = None,
-    rule: str = "official",
+    rule: LayerDecayRule = "official",
 ) -> list[dict]:
     """Named AdamW groups with an ``lr_scale`` each; names show in LearningRateMonitor.
 

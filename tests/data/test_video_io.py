@@ -19,6 +19,7 @@ from omnimae_pl.data.video_io import (
     make_reader,
     torchcodec_available,
 )
+from omnimae_pl.errors import ConfigError
 
 CLIP = 2.7
 
@@ -119,9 +120,9 @@ def test_backend_choice(monkeypatch):
     assert isinstance(make_reader("pyav"), PyAVReader)
     monkeypatch.setattr(video_io, "torchcodec_available", lambda: False)
     assert isinstance(make_reader("auto"), PyAVReader)
-    with pytest.raises(ValueError, match="torchcodec"):
+    with pytest.raises(ConfigError, match="video_backend='torchcodec': not usable here"):
         make_reader("torchcodec")
-    with pytest.raises(ValueError, match="unknown video backend"):
+    with pytest.raises(ConfigError, match="video_backend='decord': must be one of"):
         make_reader("decord")
 
 

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from omnimae_pl.errors import check_value
 
-def check_fraction(fraction: float) -> None:
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+
+def check_fraction(fraction: float, key: str = "train_fraction") -> None:
+    check_value(0.0 < fraction <= 1.0, key, fraction, "must be in (0, 1]: the share of the training split kept")
 
 
 def stratified_indices(labels: Sequence[int] | np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:

@@ -22,11 +22,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import av
 import numpy as np
 import torch
 
+from omnimae_pl.errors import ConfigError, check_value
+
+# A Literal, so that the CLI refuses an unknown backend while parsing, naming the key and the accepted values.
+VideoBackend = Literal["pyav", "torchcodec", "auto"]
+VIDEO_BACKENDS: tuple[str, ...] = get_args(VideoBackend)
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_CLIP_DURATION = 2.7
 _EPS = 1e-4  # seconds; absorbs float noise in timestamps
@@ -326,14 +332,15 @@ class TorchCodecReader(VideoReader):
         return frames.reshape(len(clips), num_frames, *frames.shape[1:])
 
 
-def make_reader(backend: str = "pyav") -> VideoReader:
-    """``"pyav"`` (default), ``"torchcodec"`` (error when not usable) or ``"auto"`` (torchcodec if usable)."""
+def make_reader(backend: VideoBackend = "pyav") -> VideoReader:
+    """``"pyav"`` (default), ``"torchcodec"`` (error when not usable) or ``"auto"`` (torchcodec if usable).
+    A backend that is unknown or not usable raises :class:`~omnimae_pl.errors.ConfigError` (key ``video_backend``)."""
+    check_value(backend in VIDEO_BACKENDS, "video_backend", backend, f"must be one of {VIDEO_BACKENDS}")
     if backend == "pyav":
         return PyAVReader()
-    if backend in ("torchcodec", "auto"):
-        if torchcodec_available():
-            return TorchCodecReader()
-        if backend == "torchcodec":
-            raise ValueError("video backend 'torchcodec' is not usable here (package or FFmpeg libraries missing)")
-        return PyAVReader()
-    raise ValueError(f"unknown video backend {backend!r}; choose 'pyav', 'torchcodec' or 'auto'")
+    if torchcodec_available():
+        return TorchCodecReader()
+    if backend == "torchcodec":
+        raise ConfigError("video_backend='torchcodec': not usable here (the package or system FFmpeg libraries are "
+                          "missing); use 'pyav' or 'auto'")
+    return PyAVReader()

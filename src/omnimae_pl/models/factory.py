@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
+from omnimae_pl.errors import check_value
 from omnimae_pl.models.classifier import OmniViTClassifier
 from omnimae_pl.models.decoder import MAEDecoder
 from omnimae_pl.models.encoder import VisionTransformerEncoder
@@ -33,11 +34,14 @@ SIZES: dict[str, ModelSize] = {
 
 
 def model_size(size: str | ModelSize, **overrides) -> ModelSize:
-    """A named size (or a ModelSize) with any field overridden, e.g. ``model_size("tiny", depth=2)``."""
+    """A named size (or a ModelSize) with any field overridden, e.g. ``model_size("tiny", depth=2)``. An unknown
+    size or field raises :class:`~omnimae_pl.errors.ConfigError` naming ``size`` or ``model_overrides``."""
     if isinstance(size, str):
-        if size not in SIZES:
-            raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+        check_value(size in SIZES, "size", size, f"must be one of {sorted(SIZES)} (unknown model size)")
         size = SIZES[size]
+    names = [f.name for f in fields(ModelSize)]
+    unknown = sorted(set(overrides) - set(names))
+    check_value(not unknown, "model_overrides", overrides, f"has unknown fields {unknown}; the fields are {names}")
     if "patch_size" in overrides:
         overrides["patch_size"] = tuple(overrides["patch_size"])
     return replace(size, **overrides)
