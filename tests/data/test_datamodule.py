@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,9 +11,16 @@ import torch
 from jsonargparse import ArgumentParser
 from video_helpers import write_test_video
 
-from omnimae_pl.data.datamodule import ClassificationDataModule, PretrainDataModule, SourceConfig
+from omnimae_pl.data.datamodule import (
+    ClassificationDataModule,
+    ImageMasking,
+    PretrainDataModule,
+    SourceConfig,
+    VideoMasking,
+)
 from omnimae_pl.data.image_transforms import ResizeCenterCrop
 from omnimae_pl.data.interleave import ModalityInterleaver
+from omnimae_pl.errors import ConfigError, DatasetError
 from omnimae_pl.masking import MaskingConfig
 
 SMALL = {"img_size": 32, "num_frames": 4, "clip_duration": 0.5, "short_side": 36, "num_workers": 0, "pin_memory": False}
@@ -72,25 +80,50 @@ def test_data_parallel_layout_comes_from_the_strategy(clean_imagenet_root: Path,
     assert len(image_val.sampler) == 3  # 6 evenly spaced images, split over 2 ranks
 
 
-def test_setup_errors_name_the_path(tmp_path: Path, clean_imagenet_root: Path) -> None:
+def test_setup_errors_name_the_key_and_the_path(tmp_path: Path, clean_imagenet_root: Path) -> None:
     missing = tmp_path / "no_imagenet"
     dm = PretrainDataModule([SourceConfig("imagenet", str(missing))], **SMALL)
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(ConfigError, match=re.escape(f"data.init_args.sources[0].root='{missing}'")):
         dm.setup("fit")
     annotations = tmp_path / "ssv2_labels"
     annotations.mkdir()
     (tmp_path / "ssv2_videos").mkdir()
     dm = PretrainDataModule(
-        [SourceConfig("ssv2", str(tmp_path / "ssv2_videos"), annotations=str(annotations))], replicas=2, **SMALL
+        [SourceConfig("imagenet", str(clean_imagenet_root)),
+         SourceConfig("ssv2", str(tmp_path / "ssv2_videos"), annotations=str(annotations))], replicas=2, **SMALL
     )
-    with pytest.raises(FileNotFoundError, match=str(annotations / "something-something-v2-labels.json")):
+    labels = annotations / "something-something-v2-labels.json"
+    with pytest.raises(DatasetError, match=re.escape(f"data.init_args.sources[1] (ssv2 'ssv2', split 'train'): "
+                                                     f"SSv2 annotation file not found: {labels}")):
         dm.setup("fit")
-    with pytest.raises(ValueError, match="needs annotations"):
-        SourceConfig("ssv2", "/videos")
-    with pytest.raises(ValueError, match="unknown source kind 'kinetics'"):
-        SourceConfig("kinetics", "/videos")
-    with pytest.raises(ValueError, match="multiple of replicas"):
-        PretrainDataModule([SourceConfig("imagenet", str(clean_imagenet_root))], video_batch_size=6, replicas=4)
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [
+        (SourceConfig("kinetics", "/videos"), "sources[0].kind='kinetics': must be one of"),
+        (SourceConfig("ssv2", "/videos"), "sources[0].annotations=None"),
+        (SourceConfig("ssv2", "/videos", annotations="/labels", val_split="val"), "sources[0].val_split='val'"),
+        (SourceConfig("imagenet", "/images", weight=-1.0), "sources[0].weight=-1.0"),
+    ],
+)
+def test_a_bad_source_names_its_place_in_the_config(source: SourceConfig, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"data.init_args.{key}")):
+        PretrainDataModule([source])
+    with pytest.raises(ConfigError, match=re.escape(f"data.init_args.{key.replace('sources[0]', 'source')}")):
+        ClassificationDataModule(source)
+
+
+def test_pretraining_arguments_are_checked_together(clean_imagenet_root: Path) -> None:
+    images = SourceConfig("imagenet", str(clean_imagenet_root))
+    with pytest.raises(ConfigError, match=r"video_batch_size=6: must be a multiple of data.init_args.replicas=4"):
+        PretrainDataModule([images], video_batch_size=6, replicas=4)
+    with pytest.raises(ConfigError, match=r"sources\[1\].name='imagenet': must differ"):
+        PretrainDataModule([images, SourceConfig("imagenet", "/elsewhere")])
+    with pytest.raises(ConfigError, match=r"sources\[\].weight=\[1.0, None\]"):
+        PretrainDataModule([SourceConfig("imagenet", "/a", name="a", weight=1.0), SourceConfig("imagenet", "/b")])
+    with pytest.raises(ConfigError, match=r"data.init_args.sources=\['imagenet'\]: must hold at least one source"):
+        PretrainDataModule([SourceConfig("imagenet", "/a", split=None)])
 
 
 def test_classification_datamodule(clean_imagenet_root: Path) -> None:
@@ -123,7 +156,7 @@ def test_classification_train_fraction(clean_imagenet_root: Path, video_root: Pa
     )
     videos.setup("fit")
     assert sorted(videos.train_dataloader().sources[0].dataset.labels) == [0, 0, 1, 1]
-    with pytest.raises(ValueError, match="train_fraction"):
+    with pytest.raises(ConfigError, match=r"data.init_args.train_fraction=0.0: must be in \(0, 1\]"):
         ClassificationDataModule(source, train_fraction=0.0)
 
 
@@ -134,7 +167,7 @@ def test_arguments_parse_from_yaml(tmp_path: Path) -> None:
         """
 data:
   sources:
-    - {kind: imagenet, root: /data/imagenet, name: in1k, val_split: val}
+    - {kind: imagenet, root: /data/imagenet, name: in1k, val_split: val, weight: 1.0}
     - {kind: ssv2, root: /data/ssv2/videos, annotations: /data/ssv2/labels, val_split: validation, weight: 0.5}
   video_batch_size: 16
   image_masking: {mask_type: random, ratio: 0.75}
@@ -145,7 +178,8 @@ data:
     assert init.sources[1] == SourceConfig(
         "ssv2", "/data/ssv2/videos", name="ssv2", annotations="/data/ssv2/labels", val_split="validation", weight=0.5
     )
-    assert init.masking == {"image": MaskingConfig("random", 0.75), "video": MaskingConfig("random", 0.95)}
+    # per-modality classes, so that a mistake names data.init_args.image_masking or video_masking
+    assert init.masking == {"image": ImageMasking("random", 0.75), "video": VideoMasking("random", 0.95)}
 
     parser = ArgumentParser()
     parser.add_class_arguments(ClassificationDataModule, "data")

@@ -9,6 +9,7 @@ from PIL import Image
 
 from omnimae_pl.data.image_transforms import RandomResizedCropFlip, ResizeCenterCrop, random_resized_crop_box
 from omnimae_pl.data.imagenet import ImageNet
+from omnimae_pl.errors import DatasetError
 from omnimae_pl.masking import MaskingConfig
 
 SIZE = 32
@@ -85,23 +86,23 @@ def test_flat_val_with_devkit_ids_and_synsets(clean_imagenet_root: Path, tmp_pat
     truth.write_text("1\n2\n3\n1\n2\n3\n")
     ds = _dataset(root, split="val", val_labels=truth, synsets=synsets)
     assert [ds.classes[label] for label in ds.labels] == [wnids[2], wnids[0], wnids[1]] * 2
-    with pytest.raises(ValueError, match="synsets"):
+    with pytest.raises(DatasetError, match="synsets"):
         _dataset(root, split="val", val_labels=truth)
 
 
 def test_setup_errors_name_the_path(tmp_path: Path, clean_imagenet_root: Path, image_folder_writer) -> None:
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+    with pytest.raises(DatasetError, match=str(tmp_path / "nowhere")):
         ImageNet(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=str(clean_imagenet_root / "test")):
+    with pytest.raises(DatasetError, match=str(clean_imagenet_root / "test")):
         ImageNet(clean_imagenet_root, split="test")
     (tmp_path / "empty" / "train" / "n1").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty" / "train")):
+    with pytest.raises(DatasetError, match=str(tmp_path / "empty" / "train")):
         ImageNet(tmp_path / "empty")
     flat = tmp_path / "flat"
     image_folder_writer(flat / "train" / "n1", 1)
     (flat / "val").mkdir()
     Image.new("RGB", (8, 8)).save(flat / "val" / "a.JPEG")
-    with pytest.raises(ValueError, match="val_labels"):
+    with pytest.raises(DatasetError, match="val_labels"):
         ImageNet(flat, split="val")
 
 

@@ -11,6 +11,7 @@ from video_helpers import cut_before_first_frame, truncate_file, write_test_vide
 
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.video_datasets import SSv2, VideoFolder
+from omnimae_pl.errors import ConfigError, DatasetError
 from omnimae_pl.masking import MaskingConfig
 
 TEMPLATES = ["Moving [something] from left to right", "Moving [something] from right to left", "Moving [something] up"]
@@ -162,21 +163,24 @@ def raises_one_line(error: type[Exception], match: str, build) -> None:
 
 
 def test_construction_errors_name_the_path(tmp_path, ssv2_dir):
-    raises_one_line(FileNotFoundError, "nowhere", lambda: VideoFolder(tmp_path / "nowhere"))
+    raises_one_line(DatasetError, "nowhere", lambda: VideoFolder(tmp_path / "nowhere"))
     (tmp_path / "empty" / "class_a").mkdir(parents=True)
-    raises_one_line(ValueError, "empty", lambda: VideoFolder(tmp_path / "empty"))
-    raises_one_line(FileNotFoundError, "no_videos", lambda: SSv2(ssv2_dir, tmp_path / "no_videos"))
-    raises_one_line(FileNotFoundError, "v2-labels.json", lambda: SSv2(tmp_path, ssv2_dir / "videos"))
+    raises_one_line(DatasetError, "empty", lambda: VideoFolder(tmp_path / "empty"))
+    raises_one_line(DatasetError, "no_videos", lambda: SSv2(ssv2_dir, tmp_path / "no_videos"))
+    no_labels = tmp_path / "no_labels"
+    raises_one_line(DatasetError, "annotations folder not found", lambda: SSv2(no_labels, ssv2_dir / "videos"))
+    raises_one_line(DatasetError, "v2-labels.json", lambda: SSv2(tmp_path, ssv2_dir / "videos"))
+    raises_one_line(ConfigError, "split='val': must be one of", lambda: SSv2(ssv2_dir, ssv2_dir / "videos", "val"))
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "something-something-v2-labels.json").write_text(json.dumps({"Moving something up": "0"}))
-    raises_one_line(FileNotFoundError, "v2-validation.json", lambda: SSv2(bare, ssv2_dir / "videos", "validation"))
+    raises_one_line(DatasetError, "v2-validation.json", lambda: SSv2(bare, ssv2_dir / "videos", "validation"))
     (bare / "something-something-v2-train.json").write_text("[]")
-    raises_one_line(ValueError, "v2-train.json", lambda: SSv2(bare, ssv2_dir / "videos"))
+    raises_one_line(DatasetError, "v2-train.json", lambda: SSv2(bare, ssv2_dir / "videos"))
     (bare / "something-something-v2-train.json").write_text(json.dumps([{"id": "1", "template": "Dropping [x]"}]))
-    raises_one_line(ValueError, "Dropping x", lambda: SSv2(bare, ssv2_dir / "videos"))
+    raises_one_line(DatasetError, "Dropping x", lambda: SSv2(bare, ssv2_dir / "videos"))
     (bare / "something-something-v2-train.json").write_text("[{")
-    raises_one_line(ValueError, "not valid JSON", lambda: SSv2(bare, ssv2_dir / "videos"))
+    raises_one_line(DatasetError, "not valid JSON", lambda: SSv2(bare, ssv2_dir / "videos"))
 
 
 def test_dataset_pickles_for_dataloader_workers(ssv2_dir):

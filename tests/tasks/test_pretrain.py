@@ -40,3 +40,19 @@ def test_validation_logs_the_mean_prediction_baseline():
         torch.testing.assert_close(logged[f"val/loss_{modality}_baseline"], expected)
         # the untrained decoder's loss is its own, not the baseline's
         assert abs(logged[f"val/loss_{modality}"] - expected) > 1e-3
+
+
+def test_placeholders_do_not_count_in_the_validation_loss():
+    """A validation batch of placeholders adds nothing to the epoch's loss (it used to add a 0.0 at full weight)."""
+    torch.manual_seed(0)
+    module = OmniMAEPretrain(size="tiny", model_overrides={"depth": 1}, img_size=32, num_frames=4, patch_size=PATCH,
+                             linear_probe=False)
+    readable = _batch("image")
+    placeholders = {**readable, "valid": torch.zeros_like(readable["valid"])}
+    logged = []
+    for batches in ([readable], [readable, placeholders]):
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False)
+        trainer.validate(module, DataLoader(batches, batch_size=None))
+        logged.append(trainer.callback_metrics["val/loss_image"])
+    torch.testing.assert_close(logged[1], logged[0])

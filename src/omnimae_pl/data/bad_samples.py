@@ -2,9 +2,10 @@
 
 A dataset turns an unreadable file into a placeholder instead of raising, so one corrupt file cannot stop a
 week-long run; this tracker keeps that from hiding a broken copy of a dataset. It sees every batch on its way
-to the model, counts the invalid rows of each source, remembers which files failed most often, and raises
-``TooManyInvalidSamplesError`` naming them once a source's invalid fraction exceeds ``max_invalid_fraction``
-(judged only after ``min_samples`` rows, or the dataset's length if that is smaller).
+to the model, counts the invalid rows of each source, remembers which files failed (how often, and why: the
+batch's ``errors``), and raises ``TooManyInvalidSamplesError`` naming them once a source's invalid fraction
+exceeds ``max_invalid_fraction`` (judged only after ``min_samples`` rows, or the dataset's length if that is
+smaller; :meth:`BadSampleTracker.check` judges what was seen however little, for the end of an evaluation).
 
 Counts are per process (each rank counts its own batches).
 """
@@ -18,9 +19,11 @@ from typing import Any
 
 import torch
 
+from omnimae_pl.errors import UserError, check_value
 
-class TooManyInvalidSamplesError(RuntimeError):
-    """A source yields more unreadable files than the configured fraction allows."""
+
+class TooManyInvalidSamplesError(UserError):
+    """A source yields more unreadable files than the configured fraction allows: fix or remove the files."""
 
 
 @dataclass
@@ -30,14 +33,16 @@ class _SourceCounts:
     seen: int = 0
     invalid: int = 0
     failures: Counter = field(default_factory=Counter)  # dataset index -> batches in which it failed
+    reasons: dict[int, str] = field(default_factory=dict)  # dataset index -> why it failed, the last time
+    unreported: set[int] = field(default_factory=set)  # failed since the last take_failed()
 
 
 class BadSampleTracker:
-    """Counts invalid samples per source from batches carrying ``source``, ``valid`` and ``index``."""
+    """Counts invalid samples per source from batches carrying ``source``, ``valid``, ``index`` (and ``errors``)."""
 
     def __init__(self, max_invalid_fraction: float = 0.1, min_samples: int = 100, show_worst: int = 5) -> None:
-        if not 0.0 <= max_invalid_fraction <= 1.0:
-            raise ValueError(f"max_invalid_fraction must be in [0, 1], got {max_invalid_fraction}")
+        check_value(0.0 <= max_invalid_fraction <= 1.0, "max_invalid_fraction", max_invalid_fraction,
+                    "must be in [0, 1]")
         self.max_invalid_fraction = max_invalid_fraction
         self.min_samples = min_samples
         self.show_worst = show_worst
@@ -46,6 +51,10 @@ class BadSampleTracker:
     def add_source(self, name: str, describe: Callable[[int], str], size: int) -> None:
         """Register a source: ``describe(index)`` names a sample's file, ``size`` is the dataset's length."""
         self._sources[name] = _SourceCounts(describe, size)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self._sources)
 
     def update(self, batch: Mapping[str, Any]) -> None:
         """Count one collated batch; raise ``TooManyInvalidSamplesError`` when its source crosses the threshold."""
@@ -57,10 +66,24 @@ class BadSampleTracker:
         counts.seen += invalid.numel()
         if bool(invalid.any()):
             counts.invalid += int(invalid.sum())
-            counts.failures.update(set(torch.as_tensor(batch["index"]).reshape(-1).cpu()[invalid].tolist()))
-        judged = counts.seen >= min(self.min_samples, counts.size)
-        if judged and counts.invalid > self.max_invalid_fraction * counts.seen:
-            raise TooManyInvalidSamplesError(self._message(name))
+            failed = set(torch.as_tensor(batch["index"]).reshape(-1).cpu()[invalid].tolist())
+            counts.failures.update(failed)
+            counts.unreported |= failed
+            errors = batch.get("errors", {})
+            counts.reasons.update({i: errors[i] for i in failed if i in errors})
+        if counts.seen >= min(self.min_samples, counts.size):
+            self._judge(name)
+
+    def check(self) -> None:
+        """Judge every source on what it saw so far, however few samples (the end of an evaluation)."""
+        for name, c in self._sources.items():
+            if c.seen:
+                self._judge(name)
+
+    def reset(self) -> None:
+        """Forget every count (an evaluation run starts afresh); sources stay registered."""
+        for name, c in self._sources.items():
+            self._sources[name] = _SourceCounts(c.describe, c.size)
 
     def counts(self) -> dict[str, float]:
         """``<source>/invalid``, ``<source>/seen`` and ``<source>/invalid_fraction`` for every source, for logging."""
@@ -76,9 +99,17 @@ class BadSampleTracker:
         counts = self._sources[name]
         return [(counts.describe(i), n) for i, n in counts.failures.most_common(k or self.show_worst)]
 
+    def take_failed(self, name: str) -> list[tuple[str, str]]:
+        """(file, why) of every file of a source that failed since the last call, in dataset order."""
+        counts = self._sources[name]
+        failed = [(counts.describe(i), counts.reasons.get(i, "")) for i in sorted(counts.unreported)]
+        counts.unreported = set()
+        return failed
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            name: {"seen": c.seen, "invalid": c.invalid, "failures": dict(c.failures)}
+            name: {"seen": c.seen, "invalid": c.invalid, "failures": dict(c.failures), "reasons": dict(c.reasons),
+                   "unreported": sorted(c.unreported)}
             for name, c in self._sources.items()
         }
 
@@ -88,11 +119,22 @@ class BadSampleTracker:
             saved = state.get(name, {})
             c.seen, c.invalid = int(saved.get("seen", 0)), int(saved.get("invalid", 0))
             c.failures = Counter({int(i): int(n) for i, n in saved.get("failures", {}).items()})
+            c.reasons = {int(i): str(r) for i, r in saved.get("reasons", {}).items()}
+            c.unreported = {int(i) for i in saved.get("unreported", [])}
+
+    def _judge(self, name: str) -> None:
+        c = self._sources[name]
+        if c.invalid > self.max_invalid_fraction * c.seen:
+            raise TooManyInvalidSamplesError(self._message(name))
 
     def _message(self, name: str) -> str:
         c = self._sources[name]
-        files = ", ".join(f"{path} ({n}x)" for path, n in self.worst(name))
+        files = ", ".join(
+            f"{c.describe(i)} ({n}x{': ' + c.reasons[i] if i in c.reasons else ''})"
+            for i, n in c.failures.most_common(self.show_worst)
+        )
         return (
             f"source {name!r}: {c.invalid} of {c.seen} samples ({c.invalid / c.seen:.1%}) could not be read, more than "
-            f"max_invalid_fraction={self.max_invalid_fraction:g}; worst files: {files}"
+            f"max_invalid_fraction={self.max_invalid_fraction:g}; worst files: {files}. Fix or remove those files, or "
+            "raise data.init_args.max_invalid_fraction"
         )

@@ -5,8 +5,15 @@ through a ``ModalityInterleaver`` (seeded per-epoch shuffling, the rank's shard,
 mid-epoch resumable position in the checkpoint, bad-sample counting), and evaluation loaders split their set over
 the ranks with a non-shuffling ``DistributedSampler``.
 
-Datasets are built on first need: ``setup()``, or earlier when the CLI links ``num_classes`` into the model.
-Either way a missing folder or annotation file fails before the first step, with its path in the message.
+Arguments are checked when a datamodule is made: a value that is not accepted raises
+:class:`~omnimae_pl.errors.ConfigError` naming its full key (``data.init_args.image_masking.ratio``) and what is
+accepted. Datasets are built on first need: ``setup()``, or earlier when the CLI links ``num_classes`` into the
+model. Either way a missing, empty or inconsistent folder or annotation file fails before the first step, as a
+:class:`~omnimae_pl.errors.UserError` naming the source's key and the path.
+
+Placeholders of unreadable files are counted per source (``BadSampleTracker``): training batches by the
+interleaver (``bad_samples``, saved with its position), evaluation batches in ``eval_bad_samples``, which
+``omnimae_pl.tasks.bad_sample_report.BadSampleReport`` feeds, resets and judges at every evaluation.
 
 Example (``data:`` of a LightningCLI config in subclass mode)::
 
@@ -44,10 +51,25 @@ from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, S
 from omnimae_pl.data.label_fraction import check_fraction, stratified_indices
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.seeding import loader_generator
-from omnimae_pl.data.video_datasets import SSv2, VideoFolder
+from omnimae_pl.data.video_datasets import SSV2_SPLITS, SSv2, VideoFolder
+from omnimae_pl.data.video_io import VideoBackend, make_reader
+from omnimae_pl.errors import UserError, check_value, config_prefix
 from omnimae_pl.masking import IMAGE_MASKING, VIDEO_MASKING, MaskingConfig
 
 KINDS = {"imagenet": "image", "ssv2": "video", "video_folder": "video"}
+KEY = "data.init_args"  # where the CLI's config holds the datamodule's arguments, for error messages
+
+
+class ImageMasking(MaskingConfig):
+    """The image masking of :class:`PretrainDataModule`: a mistake in it names ``data.init_args.image_masking``."""
+
+    key = f"{KEY}.image_masking"
+
+
+class VideoMasking(MaskingConfig):
+    """The video masking of :class:`PretrainDataModule`: a mistake in it names ``data.init_args.video_masking``."""
+
+    key = f"{KEY}.video_masking"
 
 
 @dataclass
@@ -77,10 +99,6 @@ class SourceConfig:
     synsets: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown source kind {self.kind!r}; choose one of {sorted(KINDS)}")
-        if self.kind == "ssv2" and not self.annotations:
-            raise ValueError(f"ssv2 source at {self.root} needs annotations= (the folder of its JSON files)")
         if self.name is None:
             self.name = self.kind
 
@@ -88,9 +106,40 @@ class SourceConfig:
     def modality(self) -> str:
         return KINDS[self.kind]
 
+    def check(self, key: str) -> None:
+        """Refuse values this source cannot have, naming ``<key>.<field>`` (``key``: its place in the config).
+        The datamodules check their sources when they are made; the folders are looked at when a dataset is built."""
+        check_value(self.kind in KINDS, f"{key}.kind", self.kind, f"must be one of {sorted(KINDS)}")
+        if self.kind == "ssv2":
+            check_value(bool(self.annotations), f"{key}.annotations", self.annotations,
+                        "must be the folder of the something-something-v2-*.json files")
+            for field in ("split", "val_split", "test_split"):
+                split = getattr(self, field)
+                check_value(split is None or split in SSV2_SPLITS, f"{key}.{field}", split,
+                            f"must be one of the SSv2 splits {SSV2_SPLITS} or null")
+        check_value(self.weight is None or self.weight >= 0, f"{key}.weight", self.weight, "must be >= 0 or null")
+        check_value(self.num_workers is None or self.num_workers >= 0, f"{key}.num_workers", self.num_workers,
+                    "must be >= 0 or null (the datamodule's)")
+
+
+def _check_sources(sources: list[SourceConfig]) -> None:
+    """What the pretraining sources must be together: each one valid, a training split, unique names, and
+    ``weight`` given for all trained sources or for none."""
+    check_value(any(cfg.split is not None for cfg in sources), f"{KEY}.sources", [cfg.name for cfg in sources],
+                "must hold at least one source with a training split (split: train)")
+    names = [cfg.name for cfg in sources]
+    for i, cfg in enumerate(sources):
+        cfg.check(f"{KEY}.sources[{i}]")
+        check_value(names.index(cfg.name) == i, f"{KEY}.sources[{i}].name", cfg.name,
+                    f"must differ from the other sources' names {names[:i]}")
+    weights = [cfg.weight for cfg in sources if cfg.split is not None]
+    if any(w is not None for w in weights):
+        check_value(None not in weights and sum(weights) > 0, f"{KEY}.sources[].weight", weights,
+                    "must be given for every trained source or for none, and not all 0")
+
 
 class _SourcesDataModule(LightningDataModule):
-    """Dataset construction and loader plumbing shared by the two datamodules."""
+    """Argument checks, dataset construction and loader plumbing shared by the two datamodules."""
 
     def __init__(
         self,
@@ -100,6 +149,7 @@ class _SourcesDataModule(LightningDataModule):
         clip_duration: float,
         short_side: int,
         patch_size: tuple[int, int, int],
+        image_scale: tuple[float, float],
         num_workers: int,
         pin_memory: bool,
         persistent_workers: bool,
@@ -107,14 +157,34 @@ class _SourcesDataModule(LightningDataModule):
         timeout: float,
         seed: int,
         max_invalid_fraction: float,
-        video_backend: str,
+        video_backend: VideoBackend,
     ) -> None:
         super().__init__()
+        patch_size = tuple(patch_size)
+        check_value(len(patch_size) == 3 and min(patch_size) >= 1, f"{KEY}.patch_size", list(patch_size),
+                    "must be three integers >= 1: [time, height, width]")
+        pt, ph, pw = patch_size
+        check_value(img_size >= ph and img_size % ph == 0 and img_size % pw == 0, f"{KEY}.img_size", img_size,
+                    f"must be a multiple of the patch's height and width {ph} x {pw} ({KEY}.patch_size)")
+        check_value(num_frames >= pt and num_frames % pt == 0, f"{KEY}.num_frames", num_frames,
+                    f"must be a multiple of the patch's time size {pt} ({KEY}.patch_size)")
+        check_value(clip_duration > 0, f"{KEY}.clip_duration", clip_duration, "must be > 0 seconds")
+        check_value(short_side >= img_size, f"{KEY}.short_side", short_side,
+                    f"must be >= {KEY}.img_size {img_size}: the short side is resized to it before cropping")
+        low, high = image_scale
+        check_value(0 < low <= high <= 1, f"{KEY}.image_scale", list(image_scale),
+                    "must be [low, high] with 0 < low <= high <= 1 (shares of the image area)")
+        check_value(num_workers >= 0, f"{KEY}.num_workers", num_workers, "must be >= 0")
+        check_value(0.0 <= max_invalid_fraction <= 1.0, f"{KEY}.max_invalid_fraction", max_invalid_fraction,
+                    "must be in [0, 1]: the share of unreadable samples a source may have before the run stops")
+        with config_prefix(KEY):
+            make_reader(video_backend)  # unusable here (torchcodec without FFmpeg): refused now, not at the first video
         self.img_size = img_size
         self.num_frames = num_frames
         self.clip_duration = clip_duration
         self.short_side = short_side
-        self.patch_size = tuple(patch_size)
+        self.patch_size = patch_size
+        self.image_scale = tuple(image_scale)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
@@ -123,8 +193,13 @@ class _SourcesDataModule(LightningDataModule):
         self.seed = seed
         self.video_backend = video_backend
         self.bad_samples = BadSampleTracker(max_invalid_fraction)
+        self.eval_bad_samples = BadSampleTracker(max_invalid_fraction)
         self.interleaver: ModalityInterleaver | None = None
         self._datasets: dict[tuple[str, str], Dataset] = {}
+
+    def _source_key(self, cfg: SourceConfig) -> str:
+        """Where ``cfg`` is in the config (``data.init_args.sources[1]``), for error messages."""
+        raise NotImplementedError
 
     def _dataset(
         self,
@@ -133,44 +208,64 @@ class _SourcesDataModule(LightningDataModule):
         train: bool,
         masking: MaskingConfig | None,
         replicas: int = 1,
-        image_scale: tuple[float, float] = (0.2, 1.0),
         crop_ratio: float = 1.0,
         transform: Callable | None = None,
         eval_views: tuple[int, int, int | None] = (1, 1, None),
         fraction: float | None = None,
     ) -> Dataset:
         """The dataset of one source and split, built once. ``eval_views``: video (clips, crops, short side);
-        ``fraction``: keep a class-balanced share of the items (``label_fraction``)."""
-        key = (cfg.name, split)
-        if key in self._datasets:
-            return self._datasets[key]
-        if cfg.modality == "image":
-            dataset: Dataset = ImageNet(
-                cfg.root, split, train=train, img_size=self.img_size, scale=image_scale, crop_ratio=crop_ratio,
-                transform=transform if train else None, masking=masking, patch_size=self.patch_size,
-                seed=self.seed, val_labels=cfg.val_labels, synsets=cfg.synsets,
-            )
-        else:
-            clips, crops, eval_short = eval_views
-            options: dict[str, Any] = {
-                "num_frames": self.num_frames, "clip_duration": self.clip_duration, "crop_size": self.img_size,
-                "short_side": self.short_side if train or eval_short is None else eval_short,
-                "masking": masking, "patch_size": self.patch_size, "replicas": replicas, "seed": self.seed,
-                "train": train, "num_clips": 1 if train else clips, "num_crops": 1 if train else crops,
-                "backend": self.video_backend,
-            }
-            if cfg.kind == "ssv2":
-                dataset = SSv2(cfg.annotations, cfg.root, split, **options)
-            else:
-                dataset = VideoFolder(Path(cfg.root) / split, **options)
-            if train and transform is not None:
-                dataset.train_transform = transform  # the video datasets' augmentation hook
+        ``fraction``: keep a class-balanced share of the items (``label_fraction``). A folder or file that is
+        missing, empty or inconsistent raises a UserError that names the source's key."""
+        if (cfg.name, split) in self._datasets:
+            return self._datasets[cfg.name, split]
+        where = self._source_key(cfg)
+        check_value(Path(cfg.root).is_dir(), f"{where}.root", cfg.root, f"must be an existing folder ({cfg.kind})")
+        if cfg.annotations is not None:
+            check_value(Path(cfg.annotations).is_dir(), f"{where}.annotations", cfg.annotations,
+                        "must be an existing folder (of the something-something-v2-*.json files)")
+        try:
+            dataset = self._build_dataset(cfg, split, train, masking, replicas, crop_ratio, transform, eval_views)
+        except UserError as err:
+            raise type(err)(f"{where} ({cfg.kind} {cfg.name!r}, split {split!r}): {err}") from err
         if fraction is not None:
             total = len(dataset)
             dataset.keep(stratified_indices(dataset.labels, fraction, self.seed))
             rank_zero_info(f"{cfg.name}/{split}: training on {len(dataset)} of {total} labelled items "
                            f"(train_fraction {fraction}, class-balanced, seed {self.seed})")
-        self._datasets[key] = dataset
+        self._datasets[cfg.name, split] = dataset
+        return dataset
+
+    def _build_dataset(
+        self,
+        cfg: SourceConfig,
+        split: str,
+        train: bool,
+        masking: MaskingConfig | None,
+        replicas: int,
+        crop_ratio: float,
+        transform: Callable | None,
+        eval_views: tuple[int, int, int | None],
+    ) -> Dataset:
+        if cfg.modality == "image":
+            return ImageNet(
+                cfg.root, split, train=train, img_size=self.img_size, scale=self.image_scale, crop_ratio=crop_ratio,
+                transform=transform if train else None, masking=masking, patch_size=self.patch_size,
+                seed=self.seed, val_labels=cfg.val_labels, synsets=cfg.synsets,
+            )
+        clips, crops, eval_short = eval_views
+        options: dict[str, Any] = {
+            "num_frames": self.num_frames, "clip_duration": self.clip_duration, "crop_size": self.img_size,
+            "short_side": self.short_side if train or eval_short is None else eval_short,
+            "masking": masking, "patch_size": self.patch_size, "replicas": replicas, "seed": self.seed,
+            "train": train, "num_clips": 1 if train else clips, "num_crops": 1 if train else crops,
+            "backend": self.video_backend,
+        }
+        if cfg.kind == "ssv2":
+            dataset = SSv2(cfg.annotations, cfg.root, split, **options)
+        else:
+            dataset = VideoFolder(Path(cfg.root) / split, **options)
+        if train and transform is not None:
+            dataset.train_transform = transform  # the video datasets' augmentation hook
         return dataset
 
     def _data_parallel(self) -> tuple[int, int]:
@@ -202,9 +297,12 @@ class _SourcesDataModule(LightningDataModule):
         return self.interleaver
 
     def _eval_loader(self, dataset: Dataset, cfg: SourceConfig, batch_size: int, limit: int | None = None) -> DataLoader:
-        """In-order loader over (an evenly spaced ``limit``-item subset of) ``dataset``, split over the ranks."""
+        """In-order loader over (an evenly spaced ``limit``-item subset of) ``dataset``, split over the ranks; its
+        source is registered in ``eval_bad_samples``."""
+        describe = dataset.describe  # batches carry the full dataset's indices, also from a subset
         if limit is not None and limit < len(dataset):
             dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, limit).round().long().tolist())
+        self.eval_bad_samples.add_source(cfg.name, describe, len(dataset))
         rank, world_size = self._data_parallel()
         sampler = DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
         workers = self.num_workers if cfg.num_workers is None else cfg.num_workers
@@ -245,8 +343,8 @@ class PretrainDataModule(_SourcesDataModule):
         image_batch_size: int = 32,
         video_batch_size: int = 32,
         replicas: int = 4,
-        image_masking: MaskingConfig = IMAGE_MASKING,
-        video_masking: MaskingConfig = VIDEO_MASKING,
+        image_masking: ImageMasking = ImageMasking(IMAGE_MASKING.mask_type, IMAGE_MASKING.ratio),
+        video_masking: VideoMasking = VideoMasking(VIDEO_MASKING.mask_type, VIDEO_MASKING.ratio),
         img_size: int = 224,
         num_frames: int = 16,
         clip_duration: float = 2.7,
@@ -262,26 +360,35 @@ class PretrainDataModule(_SourcesDataModule):
         timeout: float = 600.0,
         seed: int = 0,
         max_invalid_fraction: float = 0.1,
-        video_backend: str = "pyav",
+        video_backend: VideoBackend = "pyav",
     ) -> None:
         super().__init__(
             img_size=img_size, num_frames=num_frames, clip_duration=clip_duration, short_side=short_side,
-            patch_size=patch_size, num_workers=num_workers, pin_memory=pin_memory,
+            patch_size=patch_size, image_scale=image_scale, num_workers=num_workers, pin_memory=pin_memory,
             persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, timeout=timeout, seed=seed,
             max_invalid_fraction=max_invalid_fraction, video_backend=video_backend,
         )
-        if not any(cfg.split is not None for cfg in sources):
-            raise ValueError("PretrainDataModule needs at least one source with a training split")
-        if video_batch_size % replicas:
-            raise ValueError(f"video_batch_size={video_batch_size} must be a multiple of replicas={replicas}")
+        _check_sources(sources)
+        check_value(image_batch_size >= 1, f"{KEY}.image_batch_size", image_batch_size, "must be an integer >= 1")
+        check_value(video_batch_size >= 1, f"{KEY}.video_batch_size", video_batch_size, "must be an integer >= 1")
+        check_value(replicas >= 1, f"{KEY}.replicas", replicas,
+                    "must be an integer >= 1: the augmented copies of each decoded clip")
+        check_value(video_batch_size % replicas == 0, f"{KEY}.video_batch_size", video_batch_size,
+                    f"must be a multiple of {KEY}.replicas={replicas} (each clip gives {replicas} samples)")
+        check_value(val_batch_size is None or val_batch_size >= 1, f"{KEY}.val_batch_size", val_batch_size,
+                    "must be an integer >= 1 or null (the modality's training batch)")
+        check_value(val_samples is None or val_samples >= 1, f"{KEY}.val_samples", val_samples,
+                    "must be an integer >= 1 or null (every item)")
         self.sources = list(sources)
         self.image_batch_size = image_batch_size
         self.video_batch_size = video_batch_size
         self.replicas = replicas
         self.masking = {"image": image_masking, "video": video_masking}
-        self.image_scale = tuple(image_scale)
         self.val_batch_size = val_batch_size
         self.val_samples = val_samples
+
+    def _source_key(self, cfg: SourceConfig) -> str:
+        return f"{KEY}.sources[{[c.name for c in self.sources].index(cfg.name)}]"
 
     @property
     def num_classes(self) -> dict[str, int]:
@@ -336,7 +443,7 @@ class PretrainDataModule(_SourcesDataModule):
 
     def _train_dataset(self, cfg: SourceConfig) -> Dataset:
         replicas = self.replicas if cfg.modality == "video" else 1
-        return self._dataset(cfg, cfg.split, True, self.masking[cfg.modality], replicas, self.image_scale)
+        return self._dataset(cfg, cfg.split, True, self.masking[cfg.modality], replicas)
 
     def _train_sources(self) -> list[Source]:
         out = []
@@ -414,24 +521,36 @@ class ClassificationDataModule(_SourcesDataModule):
         timeout: float = 600.0,
         seed: int = 0,
         max_invalid_fraction: float = 0.1,
-        video_backend: str = "pyav",
+        video_backend: VideoBackend = "pyav",
     ) -> None:
         super().__init__(
             img_size=img_size, num_frames=num_frames, clip_duration=clip_duration, short_side=short_side,
-            patch_size=patch_size, num_workers=num_workers, pin_memory=pin_memory,
+            patch_size=patch_size, image_scale=image_scale, num_workers=num_workers, pin_memory=pin_memory,
             persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, timeout=timeout, seed=seed,
             max_invalid_fraction=max_invalid_fraction, video_backend=video_backend,
         )
+        source.check(f"{KEY}.source")
+        check_value(batch_size >= 1, f"{KEY}.batch_size", batch_size, "must be an integer >= 1")
+        check_value(eval_batch_size is None or eval_batch_size >= 1, f"{KEY}.eval_batch_size", eval_batch_size,
+                    "must be an integer >= 1 or null (batch_size)")
+        check_value(0 < crop_ratio <= 1, f"{KEY}.crop_ratio", crop_ratio, "must be in (0, 1]")
+        check_value(eval_num_clips >= 1, f"{KEY}.eval_num_clips", eval_num_clips, "must be an integer >= 1")
+        check_value(eval_num_crops in (1, 3), f"{KEY}.eval_num_crops", eval_num_crops,
+                    "must be 1 (centre) or 3 (along the long side)")
+        check_value(eval_short_side is None or eval_short_side >= img_size, f"{KEY}.eval_short_side",
+                    eval_short_side, f"must be >= {KEY}.img_size {img_size} or null ({KEY}.short_side)")
+        if train_fraction is not None:
+            check_fraction(train_fraction, f"{KEY}.train_fraction")  # before any dataset is listed
         self.source = source
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.train_transform = train_transform
-        self.image_scale = tuple(image_scale)
         self.crop_ratio = crop_ratio
         self.eval_views = (eval_num_clips, eval_num_crops, eval_short_side)
-        if train_fraction is not None:
-            check_fraction(train_fraction)  # at construction: a bad value fails before any dataset is listed
         self.train_fraction = train_fraction
+
+    def _source_key(self, cfg: SourceConfig) -> str:
+        return f"{KEY}.source"
 
     @property
     def modality(self) -> str:
@@ -447,7 +566,7 @@ class ClassificationDataModule(_SourcesDataModule):
         return {self.modality: self.batch_size}
 
     def steps_per_epoch(self, world_size: int = 1, rank: int = 0) -> int:
-        dataset = self._split_dataset(self.source.split)
+        dataset = self._split_dataset(self._train_split())
         sampler = InterleaveSampler(
             [self.source.name], [len(dataset)], [self.batch_size], [1], [None], self.seed, rank, world_size
         )
@@ -465,9 +584,7 @@ class ClassificationDataModule(_SourcesDataModule):
                 self._split_dataset(split)
 
     def train_dataloader(self) -> ModalityInterleaver:
-        if self.source.split is None:
-            raise ValueError(f"source {self.source.name!r} has no training split (split: null)")
-        dataset = self._split_dataset(self.source.split)
+        dataset = self._split_dataset(self._train_split())
         return self._interleaver([Source(self.source.name, dataset, self.batch_size, None, 1, self.source.num_workers)])
 
     def val_dataloader(self) -> DataLoader | list:
@@ -479,11 +596,16 @@ class ClassificationDataModule(_SourcesDataModule):
     def predict_dataloader(self) -> DataLoader | list:
         return self._stage_loader(self.source.test_split or self.source.val_split)
 
+    def _train_split(self) -> str:
+        check_value(self.source.split is not None, f"{KEY}.source.split", self.source.split,
+                    "must name the training split to fit (e.g. train)")
+        return self.source.split
+
     def _split_dataset(self, split: str) -> Dataset:
         train = split == self.source.split
         return self._dataset(
-            self.source, split, train, None, 1, self.image_scale, self.crop_ratio,
-            self.train_transform, self.eval_views, self.train_fraction if train else None,
+            self.source, split, train, None, 1, self.crop_ratio, self.train_transform, self.eval_views,
+            self.train_fraction if train else None,
         )
 
     def _stage_loader(self, split: str | None) -> DataLoader | list:

@@ -13,7 +13,8 @@ Class index = position in the sorted wnids of ``<root>/train``; without a train 
 ``synsets``, else the split's own class folders.
 
 Files that cannot be decoded (missing, empty, truncated, not an image) give a placeholder with
-``valid=False`` and the same shapes; the loss skips it and ``BadSampleTracker`` counts it.
+``valid=False`` and the same shapes; the loss skips it and ``BadSampleTracker`` counts it. A folder or labels
+file that is missing, empty or does not match raises :class:`~omnimae_pl.errors.DatasetError` naming the path.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from omnimae_pl.data.image_transforms import ImageTransform, RandomResizedCropFlip, ResizeCenterCrop
-from omnimae_pl.data.sample import make_sample
+from omnimae_pl.data.sample import failure_reason, make_sample
 from omnimae_pl.data.seeding import sample_generator, split_key
+from omnimae_pl.errors import DatasetError
 from omnimae_pl.masking import MaskingConfig
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -66,16 +68,16 @@ class ImageNet(Dataset):
         self.root = Path(root)
         self.split = split
         if not self.root.is_dir():
-            raise FileNotFoundError(f"ImageNet root {self.root} is not a directory")
+            raise DatasetError(f"ImageNet root {self.root} is not a directory")
         split_dir = self.root / split
         if not split_dir.is_dir():
-            raise FileNotFoundError(f"ImageNet split folder {split_dir} is not a directory")
+            raise DatasetError(f"ImageNet split folder {split_dir} is not a directory")
         synset_order = _read_synsets(Path(synsets)) if synsets is not None else None
         self.classes = _class_names(self.root, split_dir, synset_order)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         samples = self._list_samples(split_dir, val_labels, synset_order)
         if not samples:
-            raise FileNotFoundError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {split_dir}")
+            raise DatasetError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {split_dir}")
         # Two flat arrays instead of a list of 1.28 M Python objects, whose reference counts would make every
         # DataLoader worker copy them (the copy-on-write problem of forked workers).
         self.split_dir = split_dir
@@ -118,17 +120,17 @@ class ImageNet(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         index, epoch = split_key(key, self.epoch)
         label = int(self.labels[index])
-        valid = True
+        error = ""
         try:
             with Image.open(self.describe(index)) as image:
                 pixels = self.transform(image, sample_generator(self.seed, epoch, index, "crop"))
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
             # OSError: missing, empty, truncated and non-image files; PIL's plugins raise the others on
             # corrupt headers and chunks.
             pixels = torch.zeros(3, self.img_size, self.img_size)  # the mean image once normalised
-            valid = False
+            error = failure_reason(err)
         mask_generator = sample_generator(self.seed, epoch, index, "mask") if self.masking is not None else None
-        return make_sample(pixels, label, valid, index, self.masking, self.patch_size, mask_generator)
+        return make_sample(pixels, label, not error, index, self.masking, self.patch_size, mask_generator, error)
 
     def _list_samples(
         self, split_dir: Path, val_labels: str | os.PathLike | None, synset_order: list[str] | None
@@ -137,12 +139,12 @@ class ImageNet(Dataset):
             samples = []
             for name in class_dirs:
                 if name not in self.class_to_idx:
-                    raise ValueError(f"class folder {split_dir / name} is not one of the {len(self.classes)} classes")
+                    raise DatasetError(f"class folder {split_dir / name} is not one of the {len(self.classes)} classes")
                 label = self.class_to_idx[name]
                 samples.extend((path, label) for path in _images_in(split_dir / name))
             return samples
         if val_labels is None:
-            raise ValueError(f"{split_dir} has no class folders; pass val_labels (see omnimae_pl.data.imagenet)")
+            raise DatasetError(f"{split_dir} has no class folders; pass val_labels (see omnimae_pl.data.imagenet)")
         return self._labelled_flat(split_dir, Path(val_labels), synset_order)
 
     def _labelled_flat(
@@ -152,9 +154,9 @@ class ImageNet(Dataset):
         lines = _read_lines(labels_file)
         if lines and lines[0].isdigit():  # the devkit's ids, one per file in sorted order
             if synset_order is None:
-                raise ValueError(f"{labels_file} holds ILSVRC2012 ids; pass synsets= to map them to wnids")
+                raise DatasetError(f"{labels_file} holds ILSVRC2012 ids; pass synsets= to map them to wnids")
             if len(lines) != len(files):
-                raise ValueError(f"{labels_file} has {len(lines)} labels for {len(files)} images in {split_dir}")
+                raise DatasetError(f"{labels_file} has {len(lines)} labels for {len(files)} images in {split_dir}")
             return [(path, self._label_of(_synset_of(line, synset_order), labels_file)) for path, line in zip(files, lines)]
         by_stem: dict[str, int] = {}
         for number, line in enumerate(lines):
@@ -164,13 +166,15 @@ class ImageNet(Dataset):
             by_stem[Path(name).stem] = self._label_of(wnid, labels_file)
         missing = [path.name for path in files if path.stem not in by_stem]
         if missing:
-            raise ValueError(f"{labels_file} has no label for {len(missing)} images in {split_dir}, e.g. {missing[0]}")
+            raise DatasetError(
+                f"{labels_file} has no label for {len(missing)} images in {split_dir}, e.g. {missing[0]}"
+            )
         return [(path, by_stem[path.stem]) for path in files]
 
 
     def _label_of(self, wnid: str, labels_file: Path) -> int:
         if wnid not in self.class_to_idx:
-            raise ValueError(f"{labels_file}: {wnid!r} is not one of the {len(self.classes)} classes")
+            raise DatasetError(f"{labels_file}: {wnid!r} is not one of the {len(self.classes)} classes")
         return self.class_to_idx[wnid]
 
 
@@ -184,7 +188,7 @@ def _read_lines(path: Path) -> list[str]:
     try:
         text = path.read_text()
     except OSError as err:
-        raise FileNotFoundError(f"cannot read {path}: {err.strerror}") from None
+        raise DatasetError(f"cannot read {path}: {err.strerror}") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -206,7 +210,8 @@ def _class_names(root: Path, split_dir: Path, synset_order: list[str] | None) ->
         return sorted(set(synset_order))
     if names := _subfolders(split_dir):
         return names
-    raise FileNotFoundError(f"no class folders in {root / 'train'} or {split_dir}; pass synsets= to name the classes")
+    looked = " or ".join(dict.fromkeys(str(folder) for folder in (root / "train", split_dir)))
+    raise DatasetError(f"no class folders in {looked}; pass synsets= to name the classes")
 
 
 def _subfolders(folder: Path) -> list[str]:

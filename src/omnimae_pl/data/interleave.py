@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from omnimae_pl.data.bad_samples import BadSampleTracker
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.seeding import loader_generator, sample_generator
+from omnimae_pl.errors import UserError
 
 
 @dataclass
@@ -83,9 +84,10 @@ class InterleaveSampler:
         natural = [full // r for full, r in zip(self.full_batches, replicas)]
         for name, n, b, r, full, steps in zip(names, lengths, batch_sizes, replicas, self.full_batches, natural):
             if steps == 0:
-                raise ValueError(
+                raise UserError(
                     f"source {name!r}: {n} items give {full} full batches of {b} x {world_size} ranks, "
-                    f"fewer than its replicas={r}, so it would never be used; use a smaller batch size"
+                    f"fewer than its replicas={r}, so it would never be used; use a smaller batch size "
+                    "(data.init_args.image_batch_size / video_batch_size / batch_size) or fewer replicas"
                 )
         self.steps = _apportion(sum(natural), weights) if any(w is not None for w in weights) else natural
         self.epoch = 0

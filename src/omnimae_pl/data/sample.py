@@ -7,6 +7,7 @@ A dataset item is a dict (or, for replicated video, a list of such dicts, one pe
     label   int64 scalar class index, -1 when the source has no labels
     valid   bool scalar, False for a placeholder that stands in for a file that could not be read
     index   int64 scalar, the sample's index in its dataset (replicas share it)
+    error   str, why a placeholder's file could not be read ("" for a readable sample)
 
 A collated batch has the same keys with a leading batch axis, plus
 
@@ -14,6 +15,7 @@ A collated batch has the same keys with a leading batch axis, plus
     source       the name of the dataset it came from (str)
     num_visible  visible tokens per sample (int, with masks only): read here on the CPU so that the
                  training step never reads it back from the device
+    errors       {index: error} of the batch's placeholders, for the reports of files that could not be read
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ def make_sample(
     masking: MaskingConfig | None = None,
     patch_size: tuple[int, int, int] | None = None,
     mask_generator: torch.Generator | None = None,
+    error: str = "",
 ) -> dict:
-    """One sample dict; with ``masking``, a mask over the token grid of ``x`` drawn from ``mask_generator``."""
+    """One sample dict; with ``masking``, a mask over the token grid of ``x`` drawn from ``mask_generator``;
+    ``error`` says why a placeholder's file could not be read (see :func:`failure_reason`)."""
     sample = {
         "input": x,
         "label": torch.tensor(label, dtype=torch.int64),
         "valid": torch.tensor(valid),
         "index": torch.tensor(index, dtype=torch.int64),
+        "error": error,
     }
     if masking is not None:
         sample["mask"] = masking(token_grid(tuple(x.shape), patch_size), mask_generator)
@@ -54,6 +59,13 @@ def collate_samples(items: list, modality: str, source: str) -> dict:
     batch = {k: torch.stack([torch.as_tensor(s[k]) for s in flat]) for k in SAMPLE_KEYS if k in flat[0]}
     batch["modality"] = modality
     batch["source"] = source
+    batch["errors"] = {int(s["index"]): s["error"] for s in flat if s.get("error")}
     if "mask" in batch:
         batch["num_visible"] = int((~batch["mask"][0]).sum())
     return batch
+
+
+def failure_reason(err: BaseException) -> str:
+    """Why a file could not be read, as one line of at most 200 characters for the reports."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}"[:200]

@@ -8,7 +8,8 @@ shares ``index`` and that ``collate_samples`` flattens; a single sample comes ba
 Every random draw (window, each replica's crop, each replica's mask) comes from
 ``sample_generator(seed, epoch, index, stream...)``, so a resumed run draws the same samples. A file that
 cannot be decoded becomes placeholder samples (mid-grey input, ``valid=False``, same shapes, a mask all the
-same) rather than an exception or a re-pick.
+same, the decoder's reason in ``error``) rather than an exception or a re-pick. A folder or annotation file that
+is missing, empty or does not match raises :class:`~omnimae_pl.errors.DatasetError` naming the path.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
-from omnimae_pl.data.sample import make_sample
+from omnimae_pl.data.sample import failure_reason, make_sample
 from omnimae_pl.data.seeding import sample_generator, split_key
-from omnimae_pl.data.video_io import VideoDecodeError, make_reader
+from omnimae_pl.data.video_io import VideoBackend, VideoDecodeError, make_reader
 from omnimae_pl.data.video_transforms import VideoEvalTransform, VideoTrainTransform, grey_clip
+from omnimae_pl.errors import DatasetError, check_value
 from omnimae_pl.masking import MaskingConfig
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv")
+SSV2_SPLITS = ("train", "validation", "test")
 Sample = dict[str, torch.Tensor]
 
 
@@ -65,7 +68,7 @@ class VideoClipDataset(Dataset):
         train: bool = True,
         num_clips: int = 1,
         num_crops: int = 1,
-        backend: Literal["pyav", "torchcodec", "auto"] = "pyav",
+        backend: VideoBackend = "pyav",
     ) -> None:
         if replicas < 1 or num_clips < 1:
             raise ValueError(f"replicas and num_clips must be >= 1, got {replicas} and {num_clips}")
@@ -111,48 +114,43 @@ class VideoClipDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample | list[Sample]:
         index, epoch = split_key(key, self.epoch)
-        if self.train:
-            inputs, valid = self._train_views(index, epoch)
-        else:
-            inputs, valid = self._eval_views(index)
+        if not self.train:
             epoch = 0  # evaluation views and masks are the same every epoch
+        try:
+            inputs = self._train_views(index, epoch) if self.train else self._eval_views(index)
+            error = ""
+        except VideoDecodeError as err:
+            inputs, error = self._placeholders(), failure_reason(err)
         label = self.videos[index][1]
-        samples = [self._sample(x, label, valid, index, epoch, view) for view, x in enumerate(inputs)]
+        samples = [self._sample(x, label, error, index, epoch, view) for view, x in enumerate(inputs)]
         return samples[0] if len(samples) == 1 else samples
 
-    def _train_views(self, index: int, epoch: int) -> tuple[list[torch.Tensor], bool]:
+    def _train_views(self, index: int, epoch: int) -> list[torch.Tensor]:
         window = sample_generator(self.seed, epoch, index, "window")
-        try:
-            clip = self.reader.read_clip(self.videos[index][0], self.num_frames, self.clip_duration, window)
-        except VideoDecodeError:
-            return self._placeholders(), False
+        clip = self.reader.read_clip(self.videos[index][0], self.num_frames, self.clip_duration, window)
         crops = [sample_generator(self.seed, epoch, index, "crop", r) for r in range(self.replicas)]
-        return [self.train_transform(clip, g) for g in crops], True
+        return [self.train_transform(clip, g) for g in crops]
 
-    def _eval_views(self, index: int) -> tuple[list[torch.Tensor], bool]:
-        try:
-            clips = self.reader.read_uniform_clips(
-                self.videos[index][0], self.num_clips, self.num_frames, self.clip_duration
-            )
-        except VideoDecodeError:
-            return self._placeholders(), False
-        return [view for clip in clips for view in self.eval_transform(clip)], True
+    def _eval_views(self, index: int) -> list[torch.Tensor]:
+        path = self.videos[index][0]
+        clips = self.reader.read_uniform_clips(path, self.num_clips, self.num_frames, self.clip_duration)
+        return [view for clip in clips for view in self.eval_transform(clip)]
 
     def _placeholders(self) -> list[torch.Tensor]:
         return [grey_clip(self.num_frames, self.crop_size) for _ in range(self.views_per_item)]
 
-    def _sample(self, x: torch.Tensor, label: int, valid: bool, index: int, epoch: int, view: int) -> Sample:
+    def _sample(self, x: torch.Tensor, label: int, error: str, index: int, epoch: int, view: int) -> Sample:
         mask_generator = sample_generator(self.seed, epoch, index, "mask", view) if self.masking is not None else None
-        return make_sample(x, label, valid, index, self.masking, self.patch_size, mask_generator)
+        return make_sample(x, label, not error, index, self.masking, self.patch_size, mask_generator, error)
 
 
 def _read_json(path: Path) -> object:
     if not path.is_file():
-        raise FileNotFoundError(f"SSv2 annotation file not found: {path}")
+        raise DatasetError(f"SSv2 annotation file not found: {path}")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"SSv2 annotation file {path} is not valid JSON: {err}") from err
+        raise DatasetError(f"SSv2 annotation file {path} is not valid JSON: {err}") from err
 
 
 class SSv2(VideoClipDataset):
@@ -178,28 +176,29 @@ class SSv2(VideoClipDataset):
     ) -> None:
         super().__init__(**kwargs)
         annotation_dir, video_root = Path(annotation_dir), Path(video_root)
-        if split not in ("train", "validation", "test"):
-            raise ValueError(f"unknown SSv2 split {split!r}; choose 'train', 'validation' or 'test'")
+        check_value(split in SSV2_SPLITS, "split", split, f"must be one of the SSv2 splits {SSV2_SPLITS}")
         if not video_root.is_dir():
-            raise FileNotFoundError(f"SSv2 video folder not found: {video_root}")
+            raise DatasetError(f"SSv2 video folder not found: {video_root}")
+        if not annotation_dir.is_dir():
+            raise DatasetError(f"SSv2 annotations folder not found: {annotation_dir} (the folder of its JSON files)")
         labels_file = annotation_dir / "something-something-v2-labels.json"
         labels = _read_json(labels_file)
         if not isinstance(labels, dict) or not labels:
-            raise ValueError(f"SSv2 labels file {labels_file} must map templates to class indices")
+            raise DatasetError(f"SSv2 labels file {labels_file} must map templates to class indices")
         classes = {template: int(i) for template, i in labels.items()}
         self.num_classes = len(classes)
         split_file = annotation_dir / f"something-something-v2-{split}.json"
         entries = _read_json(split_file)
         if not isinstance(entries, list) or not entries:
-            raise ValueError(f"SSv2 split file {split_file} lists no videos")
+            raise DatasetError(f"SSv2 split file {split_file} lists no videos")
         for n, entry in enumerate(entries):
             try:
                 video_id = entry["id"]
                 template = None if split == "test" else entry["template"].replace("[", "").replace("]", "")
             except (KeyError, TypeError, AttributeError) as err:
-                raise ValueError(f"SSv2 split file {split_file}: entry {n} lacks an id or a template") from err
+                raise DatasetError(f"SSv2 split file {split_file}: entry {n} lacks an id or a template") from err
             if template is not None and template not in classes:
-                raise ValueError(f"SSv2 video {video_id} in {split_file}: template {template!r} not in {labels_file}")
+                raise DatasetError(f"SSv2 video {video_id} in {split_file}: template {template!r} not in {labels_file}")
             self.videos.append((video_root / f"{video_id}.webm", -1 if template is None else classes[template]))
 
 
@@ -215,11 +214,11 @@ class VideoFolder(VideoClipDataset):
         super().__init__(**kwargs)
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"video folder not found: {root}")
+            raise DatasetError(f"video folder not found: {root}")
         self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
         self.num_classes = len(self.classes)
         for label, name in enumerate(self.classes):
             files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
             self.videos.extend((p, label) for p in files)
         if not self.videos:
-            raise ValueError(f"no {'/'.join(VIDEO_EXTENSIONS)} videos in class folders under {root}")
+            raise DatasetError(f"no {'/'.join(VIDEO_EXTENSIONS)} videos in class folders under {root}")

@@ -8,16 +8,23 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from omnimae_pl.callbacks import ModalitySpeedMonitor, WandbRunId
+from omnimae_pl.errors import check_value, config_prefix
 from omnimae_pl.models import OmniMAE, omnimae_pretrain
 from omnimae_pl.optim import param_groups
+from omnimae_pl.tasks.bad_sample_report import BadSampleReport
 from omnimae_pl.tasks.base import OmniMAETask, model_kwargs
+from omnimae_pl.tasks.checks import MODEL, check_optimisation, check_trainer
+from omnimae_pl.tasks.step_logging import log_this_step
 
 
 class OmniMAEPretrain(OmniMAETask):
     """Pretrains :class:`~omnimae_pl.models.OmniMAE` on the interleaver's single-modality batches.
 
-    Validation and test log ``{stage}/loss_{modality}`` beside ``{stage}/loss_{modality}_baseline``, the loss of
-    predicting every hidden patch's mean on the same inputs and masks (a little under 1): the figure to beat.
+    Training logs ``train/loss`` on every step and ``train/loss_{modality}`` (``train/probe_acc_{modality}``) on
+    that modality's steps only. Validation and test log ``{stage}/loss_{modality}`` beside
+    ``{stage}/loss_{modality}_baseline``, the loss of predicting every hidden patch's mean on the same inputs and
+    masks (a little under 1): the figure to beat. Both are means over readable samples: a placeholder never
+    counts as a perfect reconstruction (``BadSampleReport`` stops a run whose data is mostly placeholders).
 
     Args:
         size: named model size (tiny, small, base, large, huge).
@@ -56,9 +63,12 @@ class OmniMAEPretrain(OmniMAETask):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model: OmniMAE = omnimae_pretrain(
-            size, img_size=img_size, num_frames=num_frames, **model_kwargs(model_overrides, patch_size)
-        )
+        check_optimisation(self.hparams)
+        check_value(probe_lr > 0, f"{MODEL}.probe_lr", probe_lr, "must be > 0")
+        with config_prefix(MODEL):
+            self.model: OmniMAE = omnimae_pretrain(
+                size, img_size=img_size, num_frames=num_frames, **model_kwargs(model_overrides, patch_size)
+            )
         self.grad_checkpointing = {"image": False, "video": False, **(grad_checkpointing or {})}
         dim = self.model.encoder.embed_dim
         self.probes = nn.ModuleDict(
@@ -75,8 +85,13 @@ class OmniMAEPretrain(OmniMAETask):
         return [(self.model.encoder, "forward_features"), (self.model.decoder, "forward")]
 
     def configure_callbacks(self) -> list:
-        # Always on: resuming continues the same wandb run; speed per modality is part of the dashboard.
-        return [WandbRunId(), ModalitySpeedMonitor()]
+        # Always on: resuming continues the same wandb run; speed per modality is part of the dashboard; files
+        # that cannot be read are counted, judged and named.
+        return [WandbRunId(), ModalitySpeedMonitor(), BadSampleReport()]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        check_trainer(self.trainer, stage)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(x, mask)
@@ -88,26 +103,34 @@ class OmniMAEPretrain(OmniMAETask):
         latent, ids = self.model.forward_encoder(x, mask, grad_ckpt, batch.get("num_visible"))
         pred = self.model.forward_decoder(latent, ids, x, use_checkpoint=grad_ckpt)
         loss = self.model.forward_loss(x, pred, mask, valid)
-        bs = x.shape[0]
-        on_step = stage == "train"
-        self.log(f"{stage}/loss_{modality}", loss, on_step=on_step, on_epoch=not on_step, batch_size=bs,
-                 add_dataloader_idx=False, sync_dist=not on_step)
         if stage == "train":
-            self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bs)
-        else:
+            self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=x.shape[0])
+            per_modality = {f"train/loss_{modality}": loss}
+            if modality in self.probes:
+                probe_loss, acc = self._probe(latent, batch, modality)
+                per_modality[f"train/probe_acc_{modality}"] = acc
+                loss = loss + probe_loss
+            log_this_step(self, per_modality)
+            return loss
+        # Epoch means weighted by the readable samples; a batch of placeholders adds nothing (its loss is 0).
+        readable = int(valid.sum())  # evaluation only: the read of the device costs nothing here
+        if readable:
             # What predicting every hidden patch's mean (zero in the normalised space) scores on the same inputs
             # and masks: a loss that stays on it means the decoder has learnt nothing for this modality.
             baseline = self.model.forward_loss(x, torch.zeros_like(pred), mask, valid)
-            self.log(f"{stage}/loss_{modality}_baseline", baseline, on_epoch=True, batch_size=bs,
-                     add_dataloader_idx=False, sync_dist=True)
-        self.log(f"data/invalid_{batch['source']}", (~valid.bool()).sum().float(), on_step=on_step,
-                 on_epoch=not on_step, reduce_fx="sum", batch_size=bs, add_dataloader_idx=False)
+            for name, value in ((f"{stage}/loss_{modality}", loss), (f"{stage}/loss_{modality}_baseline", baseline)):
+                self.log(name, value, on_epoch=True, batch_size=readable, add_dataloader_idx=False, sync_dist=True)
         if modality in self.probes:
-            loss = loss + self._probe(latent, batch, modality, stage)
+            _, acc = self._probe(latent, batch, modality)
+            labelled = int(((batch["label"] >= 0) & valid.bool()).sum())
+            if labelled:
+                self.log(f"{stage}/probe_acc_{modality}", acc, on_epoch=True, batch_size=labelled,
+                         add_dataloader_idx=False, sync_dist=True)
         return loss
 
-    def _probe(self, latent: torch.Tensor, batch: dict, modality: str, stage: str) -> torch.Tensor:
-        """Label-aware signal during pretraining; detached, so it never shapes the encoder."""
+    def _probe(self, latent: torch.Tensor, batch: dict, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, accuracy) of the online probe over the readable labelled samples: a label-aware signal during
+        pretraining; detached, so it never shapes the encoder."""
         label = batch["label"]
         keep = (label >= 0) & batch["valid"].bool()
         logits = self.probes[modality](latent.detach().float().mean(dim=1))
@@ -115,10 +138,7 @@ class OmniMAEPretrain(OmniMAETask):
         w = keep.float()
         loss = (per_sample * w).sum() / w.sum().clamp(min=1.0)
         acc = ((logits.argmax(-1) == label).float() * w).sum() / w.sum().clamp(min=1.0)
-        on_step = stage == "train"
-        self.log(f"{stage}/probe_acc_{modality}", acc, on_step=on_step, on_epoch=not on_step,
-                 batch_size=label.shape[0], add_dataloader_idx=False, sync_dist=not on_step)
-        return loss
+        return loss, acc
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

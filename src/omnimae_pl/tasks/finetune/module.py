@@ -22,9 +22,13 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from omnimae_pl.data.seeding import sample_generator
+from omnimae_pl.errors import check_value, config_prefix
 from omnimae_pl.models import OmniViTClassifier, omnimae_classifier
-from omnimae_pl.optim import LAYER_DECAY_RULES, param_groups
+from omnimae_pl.models.checkpoints import CheckpointError
+from omnimae_pl.optim import LAYER_DECAY_RULES, LayerDecayRule, param_groups
+from omnimae_pl.tasks.bad_sample_report import BadSampleReport
 from omnimae_pl.tasks.base import OmniMAETask, model_kwargs
+from omnimae_pl.tasks.checks import MODEL, check_optimisation, check_trainer
 from omnimae_pl.tasks.finetune.metrics import DedupTopKAccuracy
 from omnimae_pl.tasks.finetune.mixup import VideoMixup
 from omnimae_pl.tasks.finetune.multiview import average_logits_by_id, first_occurrence
@@ -91,7 +95,7 @@ class OmniMAEFinetune(OmniMAETask):
         eps: float = 1e-8,
         weight_decay: float = 0.05,
         layer_decay: float | None = 0.65,
-        layer_decay_rule: str = "official",
+        layer_decay_rule: LayerDecayRule = "official",
         warmup_fraction: float = 0.05,
         warmup_start_lr: float = 1e-6,
         min_lr: float = 1e-6,
@@ -106,16 +110,20 @@ class OmniMAEFinetune(OmniMAETask):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if layer_decay_rule not in LAYER_DECAY_RULES:
-            raise ValueError(f"unknown layer_decay_rule {layer_decay_rule!r}; choose one of {LAYER_DECAY_RULES}")
         self.save_hyperparameters()
-        self.model: OmniViTClassifier = omnimae_classifier(
-            size, num_classes, img_size=img_size, num_frames=num_frames, drop_path_rate=drop_path_rate,
-            head_init_std=head_init_std, head_drop=head_drop, **model_kwargs(model_overrides, patch_size),
-        )
+        check_optimisation(self.hparams)
+        _check_arguments(self.hparams)
+        with config_prefix(MODEL):
+            self.model: OmniViTClassifier = omnimae_classifier(
+                size, num_classes, img_size=img_size, num_frames=num_frames, drop_path_rate=drop_path_rate,
+                head_init_std=head_init_std, head_drop=head_drop, **model_kwargs(model_overrides, patch_size),
+            )
         self.init_report: InitReport | None = None
         if init_from:
-            self.init_report = load_classifier_weights(self.model, init_from)
+            try:
+                self.init_report = load_classifier_weights(self.model, init_from)
+            except CheckpointError as err:
+                raise CheckpointError(f"{MODEL}.init_from: {err}") from err
             rank_zero_info(self.init_report.summary())
         if freeze_encoder:
             self.model.encoder.requires_grad_(False)
@@ -132,6 +140,13 @@ class OmniMAEFinetune(OmniMAETask):
         self.test_acc = DedupTopKAccuracy()
 
     # -- model ----------------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list:
+        return [BadSampleReport()]  # files that cannot be read are counted, judged and named
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        check_trainer(self.trainer, stage)
+
     def fsdp_units(self) -> list[nn.Module]:
         """One unit per encoder block, then the classifier (an inner module, never the LightningModule)."""
         return [*self.model.encoder.blocks, self.model]
@@ -265,6 +280,26 @@ class OmniMAEFinetune(OmniMAETask):
             groups, peak, facts["total_steps"], hp.warmup_fraction, hp.warmup_start_lr, hp.min_lr,
             rebase_cosine=True, betas=tuple(hp.betas), eps=hp.eps,
         )
+
+
+def _check_arguments(hp) -> None:
+    """The fine-tuning arguments a recipe cannot have (``check_optimisation`` has the shared ones)."""
+    check_value(hp.num_classes >= 1, f"{MODEL}.num_classes", hp.num_classes, "must be >= 1 (linked from the data)")
+    check_value(hp.lr is None or hp.lr > 0, f"{MODEL}.lr", hp.lr, "must be > 0, or null for base_lr x batch / 256")
+    check_value(hp.min_lr >= 0, f"{MODEL}.min_lr", hp.min_lr, "must be >= 0")
+    check_value(hp.eps > 0, f"{MODEL}.eps", hp.eps, "must be > 0")
+    for key in ("drop_path_rate", "head_drop", "label_smoothing"):
+        check_value(0 <= hp[key] < 1, f"{MODEL}.{key}", hp[key], "must be in [0, 1)")
+    check_value(hp.layer_decay is None or 0 < hp.layer_decay <= 1, f"{MODEL}.layer_decay", hp.layer_decay,
+                "must be in (0, 1], or null for none")
+    check_value(hp.layer_decay_rule in LAYER_DECAY_RULES, f"{MODEL}.layer_decay_rule", hp.layer_decay_rule,
+                f"must be one of {LAYER_DECAY_RULES}")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        check_value(hp[key] >= 0, f"{MODEL}.{key}", hp[key], "must be >= 0 (0: off)")
+    for key in ("mixup_prob", "mixup_switch_prob"):
+        check_value(0 <= hp[key] <= 1, f"{MODEL}.{key}", hp[key], "must be in [0, 1]")
+    for key in ("eval_chunk", "steps_per_epoch"):
+        check_value(hp[key] is None or hp[key] >= 1, f"{MODEL}.{key}", hp[key], "must be an integer >= 1 or null")
 
 
 def _valid(batch: dict) -> torch.Tensor:

@@ -1,0 +1,29 @@
+"""Metrics that only some training steps produce (one modality's loss, one source's count), logged on those.
+
+``self.log(name, on_step=True)`` does not fit such a key: Lightning keeps the last value of every key it was
+given and sends all of them to the loggers at every logging step, so an image loss logged on an image step
+reappears, stale, in the rows of the video steps after it (and a count summed over the rows is counted again).
+These keys go straight to the loggers instead, in the row of the step that produced them, with Lightning's step
+number and logging cadence (``trainer.log_every_n_steps``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from lightning.pytorch import LightningModule
+
+
+def log_this_step(module: LightningModule, metrics: Mapping[str, torch.Tensor | float]) -> None:
+    """Log ``metrics`` for the current training step only: call it in ``training_step`` or
+    ``on_train_batch_start``, before the optimiser steps. Values are read (from the device) on logging steps
+    only, as Lightning does."""
+    trainer = module.trainer
+    every = trainer.log_every_n_steps
+    if not trainer.loggers or not every or (trainer.global_step + 1) % every:
+        return
+    row = {name: float(value) for name, value in metrics.items()}
+    row["epoch"] = trainer.current_epoch
+    for logger in trainer.loggers:
+        logger.log_metrics(row, step=trainer.global_step)
