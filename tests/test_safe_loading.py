@@ -100,3 +100,10 @@ def test_init_from_through_the_cli_is_refused(evil, tmp_path, demo_root, subcomm
     }))
     base = REPO / "configs" / "finetune" / config
     _refused_by_cli([subcommand, "--config", str(base), "--config", str(layer)], path, marker, capsys)
+
+
+def test_a_text_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("my notes\nabc\n")
+    with pytest.raises(CheckpointError, match=f"{path}: not a PyTorch checkpoint"):
+        load_checkpoint(path)

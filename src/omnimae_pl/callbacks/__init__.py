@@ -73,7 +73,9 @@ class ModalitySpeedMonitor(Callback):
         metrics = {f"perf/samples_per_s_{m}": n / elapsed for m, n in self._samples.items()}
         metrics["perf/steps_per_s"] = self._steps / elapsed
         metrics["perf/data_wait_fraction"] = self._wait / elapsed
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        # straight to the loggers, once per window: self.log(on_step=True) would repeat these values on later rows
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
         self._reset(now)
 
 

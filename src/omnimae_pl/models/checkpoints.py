@@ -45,7 +45,9 @@ def load_checkpoint(path: str | PathLike) -> dict:
         raise CheckpointError(f"{path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # bytes the unpickler cannot parse: no object was built
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable as a torch.save file)") from None
         raise CheckpointError(
             f"{path}: refused: it holds Python objects other than tensors, numbers, strings and containers, and "
             "unpickling those can run code; load only the weights (re-save its state_dict)"

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from omnimae_pl.errors import ConfigError
 from omnimae_pl.finite import nonfinite_flag
 from omnimae_pl.optim import fused_adamw, warmup_cosine
 
@@ -22,9 +23,9 @@ def model_kwargs(model_overrides: dict | None, patch_size) -> dict:
     if patch_size is not None:
         patch_size = tuple(patch_size)
         if "patch_size" in overrides and tuple(overrides["patch_size"]) != patch_size:
-            raise ValueError(
-                f"model_overrides.patch_size {tuple(overrides['patch_size'])} differs from patch_size {patch_size} "
-                "(linked from data.patch_size): give the patch once, under data"
+            raise ConfigError(
+                f"model.init_args.model_overrides.patch_size={tuple(overrides['patch_size'])}: differs from "
+                f"data.init_args.patch_size={patch_size}; give the patch once, under data"
             )
         overrides["patch_size"] = patch_size
     return overrides

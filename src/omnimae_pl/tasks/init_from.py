@@ -21,7 +21,7 @@ from os import PathLike
 import torch
 from torch import nn
 
-from omnimae_pl.models.checkpoints import SourceWeights, read_weights
+from omnimae_pl.models.checkpoints import CheckpointError, SourceWeights, read_weights
 
 
 @dataclass
@@ -84,7 +84,7 @@ def load_classifier_weights(
         elif key == "pos_embed":
             if target in own and own[target].shape == value.shape:
                 if not torch.allclose(own[target], value.float(), atol=1e-4):
-                    raise ValueError(f"{weights.name}: encoder.pos_embed is not the fixed sinusoid table of OmniMAE")
+                    raise CheckpointError(f"{weights.name}: encoder.pos_embed is not the fixed sinusoid table of OmniMAE")
                 left[target] = "fixed table, rebuilt (equal to the file's)"
             else:
                 left[target] = "fixed table, rebuilt for this model's layout"
@@ -99,7 +99,7 @@ def load_classifier_weights(
         problems.append(f"{len(missing)} encoder tensors missing from the file, e.g. {missing[0]}")
     if problems:
         shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
-        raise ValueError(
+        raise CheckpointError(
             f"init_from {weights.name} ({weights.describe()}, hparams {_hp(weights.hparams)}) does not fit the "
             f"model (ViT {model.encoder.embed_dim} x {len(model.encoder.blocks)}, patch "
             f"{model.encoder.patch_size}): {shown}. Set model.size / model.model_overrides and data.patch_size to "
@@ -139,7 +139,7 @@ def _head_reason(weights: SourceWeights, model: nn.Module, load_head: bool | Non
     else:
         return None
     if load_head:
-        raise ValueError(f"init_from {weights.name}: cannot load the head ({reason})")
+        raise CheckpointError(f"init_from {weights.name}: cannot load the head ({reason})")
     return reason
 
 
