@@ -73,14 +73,19 @@ def read_steps(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def start_fit(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    """``python -m omnimae_pl fit <args>`` in the background, this folder importable (for StepLog), stdout and
-    stderr to ``log``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+def subprocess_env() -> dict[str, str]:
+    """The environment of an ``omnimae-cli`` subprocess: this folder importable (for the callbacks of the test
+    helpers), one math thread, wandb offline and quiet."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+            "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def start_fit(args: list[str], cwd: Path, log: Path, new_session: bool = False) -> subprocess.Popen:
+    """``python -m omnimae_pl fit <args>`` in the background, stdout and stderr to ``log``; ``new_session``: in a
+    process group of its own, which a test can signal as a scheduler signals a job."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "omnimae_pl", "fit", *args], cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "omnimae_pl", "fit", *args], cwd=cwd, env=subprocess_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
 def child_pids(pid: int) -> list[int]:

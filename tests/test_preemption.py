@@ -179,3 +179,16 @@ def test_a_signal_to_one_ddp_rank_stops_every_rank_at_the_same_step(demo_root, t
     while Path(f"/proc/{rank1}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{rank1}").exists(), "rank 1 is still running"
+
+
+def test_a_signal_to_the_whole_job_with_loader_workers_still_saves(demo_root, tmp_path):
+    """``scancel`` and preemption signal every process of the job, DataLoader workers included: the workers leave
+    it to the main process, which saves at the step boundary as when it alone is signalled."""
+    cfg, steps, log = _config(demo_root, tmp_path), tmp_path / "steps.jsonl", tmp_path / "fit.log"
+    workers = ["--data.init_args.num_workers", "2", "--data.init_args.persistent_workers", "true"]
+    proc = start_fit(["--config", DEMO, "--config", str(cfg), *workers], tmp_path, log, new_session=True)
+    _signal_at(proc, steps, 3, signal.SIGTERM, log, pid=-proc.pid)  # a negative pid signals the process group
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-3000:]
+    saved = read_steps(steps)[-1]["step"]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == saved
+    assert len(_stop_lines(log)) == 1

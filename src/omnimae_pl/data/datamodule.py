@@ -51,6 +51,7 @@ from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, S
 from omnimae_pl.data.label_fraction import check_fraction, stratified_indices
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.seeding import loader_generator
+from omnimae_pl.data.workers import ignore_stop_signals
 from omnimae_pl.data.video_datasets import SSV2_SPLITS, SSv2, VideoFolder
 from omnimae_pl.data.video_io import VideoBackend, make_reader
 from omnimae_pl.errors import UserError, check_value, config_prefix
@@ -309,7 +310,8 @@ class _SourcesDataModule(LightningDataModule):
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
             collate_fn=functools.partial(collate_samples, modality=cfg.modality, source=cfg.name),
-            generator=loader_generator(self.seed, "eval", cfg.name), **self._loader_options(workers),
+            generator=loader_generator(self.seed, "eval", cfg.name), worker_init_fn=ignore_stop_signals,
+            **self._loader_options(workers),
         )
 
 

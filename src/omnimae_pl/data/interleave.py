@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from omnimae_pl.data.bad_samples import BadSampleTracker
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.seeding import loader_generator, sample_generator
+from omnimae_pl.data.workers import ignore_stop_signals
 from omnimae_pl.errors import UserError
 
 
@@ -183,6 +184,7 @@ class ModalityInterleaver:
                     prefetch_factor=prefetch_factor if workers > 0 else None,
                     timeout=timeout if workers > 0 else 0.0,
                     generator=loader_generator(seed, "train", source.name),
+                    worker_init_fn=ignore_stop_signals,
                 )
             )
 
