@@ -111,7 +111,7 @@ class OmniMAEPretrain(OmniMAETask):
                 per_modality[f"train/probe_acc_{modality}"] = acc
                 loss = loss + probe_loss
             log_this_step(self, per_modality)
-            return loss
+            return loss + self._touch_idle_probes(latent, modality)
         # Epoch means weighted by the readable samples; a batch of placeholders adds nothing (its loss is 0).
         readable = int(valid.sum())  # evaluation only: the read of the device costs nothing here
         if readable:
@@ -140,7 +140,22 @@ class OmniMAEPretrain(OmniMAETask):
         acc = ((logits.argmax(-1) == label).float() * w).sum() / w.sum().clamp(min=1.0)
         return loss, acc
 
+    def _touch_idle_probes(self, latent: torch.Tensor, modality: str) -> torch.Tensor:
+        """0, through every probe of another modality: each step then has one graph over all parameters, which
+        DDP needs (without ``find_unused_parameters``, a graph traversal every step). Their (zero) gradients are
+        dropped after backward, so the optimizer leaves them alone as on one device."""
+        zeros = latent.detach().new_zeros(1, latent.shape[-1], dtype=torch.float32)
+        idle = [probe(zeros).sum() for m, probe in self.probes.items() if m != modality]
+        return sum(idle, torch.zeros((), device=latent.device)) * 0.0
+
+    def on_after_backward(self) -> None:
+        for m, probe in self.probes.items():
+            if m != self._train_modality:
+                for p in probe.parameters():
+                    p.grad = None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._train_modality = batch["modality"]
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

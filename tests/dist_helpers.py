@@ -1,0 +1,49 @@
+"""Multi-process runs in tests: ``omnimae-cli`` as a subprocess (Lightning re-launches the command for the other
+ranks, which must not be pytest), and a callback that records what every rank agrees on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback
+from reliability_helpers import subprocess_env
+
+
+class GlobalStepRecorder(Callback):
+    """Per step: the modality and the loss averaged over the ranks (what one process with the whole global batch
+    computes); at the end, rank 0 writes them and the model's weights under ``out``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"].detach().clone()
+        modality = batch["modality"]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+            seen: list = [None] * dist.get_world_size()
+            dist.all_gather_object(seen, modality)
+            assert len(set(seen)) == 1, f"ranks ran different modalities at step {trainer.global_step}: {seen}"
+        self.steps.append({"step": trainer.global_step, "modality": modality, "loss": loss.item()})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # FSDP2 holds shards (DTensors): every rank takes part in gathering the full tensors
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+                 for k, v in pl_module.state_dict().items()}
+        if trainer.is_global_zero:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "steps.json").write_text(json.dumps(self.steps))
+            torch.save(state, self.out / "weights.pt")
+
+
+def run_cli_subprocess(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
+    """``python -m omnimae_pl <args>`` to its end (``env`` added to the test environment)."""
+    return subprocess.run([sys.executable, "-m", "omnimae_pl", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env={**subprocess_env(), **(env or {})})
