@@ -181,13 +181,13 @@ def test_a_signal_to_one_ddp_rank_stops_every_rank_at_the_same_step(demo_root, t
     assert not Path(f"/proc/{rank1}").exists(), "rank 1 is still running"
 
 
-def test_a_signal_to_the_whole_job_with_loader_workers_still_saves(demo_root, tmp_path):
-    """``scancel`` and preemption signal every process of the job, DataLoader workers included: the workers leave
-    it to the main process, which saves at the step boundary as when it alone is signalled."""
+def test_sigusr1_to_the_whole_job_with_loader_workers_still_saves(demo_root, tmp_path):
+    """SLURM's pre-timeout SIGUSR1 reaches every process of the job step, DataLoader workers included: the workers
+    leave it to the main process, which saves at the step boundary as when it alone is signalled."""
     cfg, steps, log = _config(demo_root, tmp_path), tmp_path / "steps.jsonl", tmp_path / "fit.log"
     workers = ["--data.init_args.num_workers", "2", "--data.init_args.persistent_workers", "true"]
     proc = start_fit(["--config", DEMO, "--config", str(cfg), *workers], tmp_path, log, new_session=True)
-    _signal_at(proc, steps, 3, signal.SIGTERM, log, pid=-proc.pid)  # a negative pid signals the process group
+    _signal_at(proc, steps, 3, signal.SIGUSR1, log, pid=-proc.pid)  # a negative pid signals the process group
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-3000:]
     saved = read_steps(steps)[-1]["step"]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == saved

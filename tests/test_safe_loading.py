@@ -93,7 +93,7 @@ def test_init_from_through_the_cli_is_refused(evil, tmp_path, demo_root, subcomm
         "model": {"init_args": {"size": "tiny", "model_overrides": {"depth": 2}, "init_from": str(path)}},
         "data": {"init_args": {
             "source": {"name": "imagenet_demo", "kind": "imagenet", "root": str(demo_root / "imagenet"),
-                       "val_split": "val"},
+                       "annotations": None, "val_split": "val"},
             "img_size": 32, "num_frames": 4, "patch_size": [2, 8, 8], "num_workers": 0, "persistent_workers": False}},
         "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False, "callbacks": [],
                     "max_steps": 1},

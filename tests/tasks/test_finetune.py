@@ -287,8 +287,8 @@ def _cli_layer(tmp_path: Path, data_root: Path, **model) -> Path:
         "model": {"init_args": {"model_overrides": {"depth": 2}, **model}},
         "data": {"init_args": {
             "patch_size": [2, 8, 8],  # linked into the model
-            "source": {"name": "tiny_in", "kind": "imagenet", "root": str(data_root), "val_split": "val",
-                       "test_split": "val"},
+            "source": {"name": "tiny_in", "kind": "imagenet", "root": str(data_root), "annotations": None,
+                       "val_split": "val", "test_split": "val"},
             "batch_size": 4, "eval_batch_size": 6, "img_size": 32, "num_workers": 0, "persistent_workers": False,
             "train_transform": {"class_path": "omnimae_pl.data.video_augment.ImageFinetuneTransform",
                                 "init_args": {"size": 32}},
