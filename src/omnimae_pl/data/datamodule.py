@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,93 +50,12 @@ from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, S
 from omnimae_pl.data.label_fraction import check_fraction, stratified_indices
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.seeding import loader_generator
+from omnimae_pl.data.sources import KEY, ImageMasking, SourceConfig, VideoMasking, check_sources
 from omnimae_pl.data.workers import ignore_stop_signals
-from omnimae_pl.data.video_datasets import SSV2_SPLITS, SSv2, VideoFolder
+from omnimae_pl.data.video_datasets import SSv2, VideoFolder
 from omnimae_pl.data.video_io import VideoBackend, make_reader
 from omnimae_pl.errors import UserError, check_value, config_prefix
 from omnimae_pl.masking import IMAGE_MASKING, VIDEO_MASKING, MaskingConfig
-
-KINDS = {"imagenet": "image", "ssv2": "video", "video_folder": "video"}
-KEY = "data.init_args"  # where the CLI's config holds the datamodule's arguments, for error messages
-
-
-class ImageMasking(MaskingConfig):
-    """The image masking of :class:`PretrainDataModule`: a mistake in it names ``data.init_args.image_masking``."""
-
-    key = f"{KEY}.image_masking"
-
-
-class VideoMasking(MaskingConfig):
-    """The video masking of :class:`PretrainDataModule`: a mistake in it names ``data.init_args.video_masking``."""
-
-    key = f"{KEY}.video_masking"
-
-
-@dataclass
-class SourceConfig:
-    """One dataset on disk.
-
-    kind: "imagenet" (``<root>/<split>/<class>/*.JPEG``, or a flat val folder with ``val_labels``),
-        "video_folder" (``<root>/<split>/<class>/*.{mp4,webm,avi,mkv}``) or "ssv2" (``root`` holds
-        ``<id>.webm``; ``annotations`` the ``something-something-v2-*.json`` files; splits train/validation/test).
-    name: tag of the batches (``batch["source"]``) and of logged counts; default: ``kind``.
-    split / val_split / test_split: the split of each stage; None: this source has no such stage.
-    weight: share of the pretraining steps (given for every source or none; see ``data.interleave``).
-    num_workers: loader workers for this source; default: the datamodule's.
-    val_labels, synsets: imagenet with a flat val folder (see ``data.imagenet``).
-    """
-
-    kind: str
-    root: str
-    name: str | None = None
-    split: str | None = "train"
-    val_split: str | None = None
-    test_split: str | None = None
-    annotations: str | None = None
-    weight: float | None = None
-    num_workers: int | None = None
-    val_labels: str | None = None
-    synsets: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.name is None:
-            self.name = self.kind
-
-    @property
-    def modality(self) -> str:
-        return KINDS[self.kind]
-
-    def check(self, key: str) -> None:
-        """Refuse values this source cannot have, naming ``<key>.<field>`` (``key``: its place in the config).
-        The datamodules check their sources when they are made; the folders are looked at when a dataset is built."""
-        check_value(self.kind in KINDS, f"{key}.kind", self.kind, f"must be one of {sorted(KINDS)}")
-        if self.kind == "ssv2":
-            check_value(bool(self.annotations), f"{key}.annotations", self.annotations,
-                        "must be the folder of the something-something-v2-*.json files")
-            for field in ("split", "val_split", "test_split"):
-                split = getattr(self, field)
-                check_value(split is None or split in SSV2_SPLITS, f"{key}.{field}", split,
-                            f"must be one of the SSv2 splits {SSV2_SPLITS} or null")
-        check_value(self.weight is None or self.weight >= 0, f"{key}.weight", self.weight, "must be >= 0 or null")
-        check_value(self.num_workers is None or self.num_workers >= 0, f"{key}.num_workers", self.num_workers,
-                    "must be >= 0 or null (the datamodule's)")
-
-
-def _check_sources(sources: list[SourceConfig]) -> None:
-    """What the pretraining sources must be together: each one valid, a training split, unique names, and
-    ``weight`` given for all trained sources or for none."""
-    check_value(any(cfg.split is not None for cfg in sources), f"{KEY}.sources", [cfg.name for cfg in sources],
-                "must hold at least one source with a training split (split: train)")
-    names = [cfg.name for cfg in sources]
-    for i, cfg in enumerate(sources):
-        cfg.check(f"{KEY}.sources[{i}]")
-        check_value(names.index(cfg.name) == i, f"{KEY}.sources[{i}].name", cfg.name,
-                    f"must differ from the other sources' names {names[:i]}")
-    weights = [cfg.weight for cfg in sources if cfg.split is not None]
-    if any(w is not None for w in weights):
-        check_value(None not in weights and sum(weights) > 0, f"{KEY}.sources[].weight", weights,
-                    "must be given for every trained source or for none, and not all 0")
-
 
 class _SourcesDataModule(LightningDataModule):
     """Argument checks, dataset construction and loader plumbing shared by the two datamodules."""
@@ -370,7 +288,7 @@ class PretrainDataModule(_SourcesDataModule):
             persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, timeout=timeout, seed=seed,
             max_invalid_fraction=max_invalid_fraction, video_backend=video_backend,
         )
-        _check_sources(sources)
+        check_sources(sources)
         check_value(image_batch_size >= 1, f"{KEY}.image_batch_size", image_batch_size, "must be an integer >= 1")
         check_value(video_batch_size >= 1, f"{KEY}.video_batch_size", video_batch_size, "must be an integer >= 1")
         check_value(replicas >= 1, f"{KEY}.replicas", replicas,
