@@ -17,6 +17,7 @@ from cli_helpers import DEMO, REPO
 from lightning.pytorch import Callback
 from reliability_helpers import checkpointed_config, child_pids, fit_in_process, read_steps, start_fit
 
+from omnimae_pl.data.workers import SIGTERM_GRACE_S
 from omnimae_pl.errors import EXIT_PREEMPTED
 
 STEPS = 16
@@ -181,14 +182,21 @@ def test_a_signal_to_one_ddp_rank_stops_every_rank_at_the_same_step(demo_root, t
     assert not Path(f"/proc/{rank1}").exists(), "rank 1 is still running"
 
 
-def test_sigusr1_to_the_whole_job_with_loader_workers_still_saves(demo_root, tmp_path):
-    """SLURM's pre-timeout SIGUSR1 reaches every process of the job step, DataLoader workers included: the workers
-    leave it to the main process, which saves at the step boundary as when it alone is signalled."""
+@pytest.mark.parametrize(("signum", "whole_job"), [(signal.SIGUSR1, True), (signal.SIGTERM, True),
+                                               (signal.SIGTERM, False)], ids=["sigusr1-job", "scancel", "sigterm-main"])
+def test_a_signal_with_loader_workers_saves_and_ends_every_process(demo_root, tmp_path, signum, whole_job):
+    """SLURM's pre-timeout SIGUSR1 and scancel's SIGTERM reach every process of the job step, DataLoader workers
+    included: the workers leave them to the main process, which saves at the step boundary and shuts its
+    (persistent) workers down before it exits; with the main process alone signalled, nothing waits on them."""
     cfg, steps, log = _config(demo_root, tmp_path), tmp_path / "steps.jsonl", tmp_path / "fit.log"
     workers = ["--data.init_args.num_workers", "2", "--data.init_args.persistent_workers", "true"]
     proc = start_fit(["--config", DEMO, "--config", str(cfg), *workers], tmp_path, log, new_session=True)
-    _signal_at(proc, steps, 3, signal.SIGUSR1, log, pid=-proc.pid)  # a negative pid signals the process group
+    _signal_at(proc, steps, 3, signum, log, pid=-proc.pid if whole_job else proc.pid)  # -pid: the process group
+    signalled = time.monotonic()
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-3000:]
+    assert time.monotonic() - signalled < SIGTERM_GRACE_S, "the exit waited for the workers' grace"
     saved = read_steps(steps)[-1]["step"]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == saved
     assert len(_stop_lines(log)) == 1
+    with pytest.raises(ProcessLookupError):  # no process is left in the run's group: no worker outlived it
+        os.killpg(proc.pid, 0)

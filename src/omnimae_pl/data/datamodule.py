@@ -215,6 +215,18 @@ class _SourcesDataModule(LightningDataModule):
         )
         return self.interleaver
 
+    def teardown(self, stage: str) -> None:
+        self._shutdown_train_workers()
+
+    def on_exception(self, exception: BaseException) -> None:
+        # also a preempted run (its stop is an exception): its workers end before the interpreter's exit
+        self._shutdown_train_workers()
+
+    def _shutdown_train_workers(self) -> None:
+        # Lightning ends the workers of the DataLoaders it sees; the interleaver's are inside it
+        if self.interleaver is not None:
+            self.interleaver.shutdown()
+
     def _eval_loader(self, dataset: Dataset, cfg: SourceConfig, batch_size: int, limit: int | None = None) -> DataLoader:
         """In-order loader over (an evenly spaced ``limit``-item subset of) ``dataset``, split over the ranks; its
         source is registered in ``eval_bad_samples``."""

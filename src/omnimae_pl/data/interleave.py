@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from omnimae_pl.data.bad_samples import BadSampleTracker
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.seeding import loader_generator, sample_generator
-from omnimae_pl.data.workers import ignore_stop_signals
+from omnimae_pl.data.workers import ignore_stop_signals, shutdown_workers
 from omnimae_pl.errors import UserError
 
 
@@ -169,6 +169,7 @@ class ModalityInterleaver:
         )
         self.bad_samples = bad_samples if bad_samples is not None else BadSampleTracker()
         self._batch_lists = [_BatchList() for _ in self.sources]
+        self._iterators: dict[int, Iterator] = {}
         self.loaders = []
         for source, batch_list in zip(self.sources, self._batch_lists):
             workers = num_workers if source.num_workers is None else source.num_workers
@@ -209,7 +210,7 @@ class ModalityInterleaver:
             sampler.step = 0
         start = sampler.step
         order = sampler.order(epoch)
-        iterators = {}
+        iterators = self._iterators = {}
         for i, batch_list in enumerate(self._batch_lists):
             done = order[:start].count(i)
             batch_list.batches = [[(index, epoch) for index in b] for b in sampler.batches(i, epoch)[done:]]
@@ -220,6 +221,14 @@ class ModalityInterleaver:
             sampler.step = step + 1
             self.bad_samples.update(batch)
             yield batch
+
+    def shutdown(self) -> None:
+        """End every source's loader workers now, persistent ones included (the next epoch starts new ones)."""
+        for iterator in self._iterators.values():
+            shutdown_workers(iterator)
+        self._iterators = {}
+        for loader in self.loaders:
+            loader._iterator = None  # a persistent iterator whose workers are gone cannot be reused
 
     def state_dict(self) -> dict[str, Any]:
         return {
