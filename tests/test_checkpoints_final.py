@@ -62,7 +62,8 @@ def test_last_ckpt_holds_the_final_step_when_the_cadence_does_not_divide_the_run
     cli = fit_in_process(ours)
     ckpt = tmp_path / "ours" / "ckpt"
     assert _step(ckpt / "last.ckpt") == 7
-    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt", "stepstep=3.ckpt", "stepstep=6.ckpt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt", "previous.ckpt", "stepstep=3.ckpt", "stepstep=6.ckpt"]
+    assert _step(ckpt / "previous.ckpt") == 6  # the two most recent complete checkpoints
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert tmpdir_spy == [] and not list((tmp_path / "elsewhere").iterdir())
     assert f"  last checkpoint:  {(ckpt / 'last.ckpt').resolve()} (step 7)\n" in capsys.readouterr().out
@@ -155,5 +156,5 @@ def test_every_shipped_checkpoint_is_resumable_and_keeps_two(config):
     (checkpoint,) = [cb["init_args"] for cb in callbacks
                      if isinstance(cb, dict) and cb["class_path"] == "omnimae_pl.callbacks.ResumableCheckpoint"]
     assert checkpoint["dirpath"]
-    # every cadence file (pretraining), or the best beside last.ckpt (fine-tuning, monitored)
+    # every cadence file (pretraining), or the best (fine-tuning, monitored); last and previous.ckpt always
     assert checkpoint["save_top_k"] == -1 or (checkpoint.get("monitor") and checkpoint["save_top_k"] >= 1)

@@ -4,6 +4,7 @@ the scheduler says stop."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -24,6 +25,7 @@ from omnimae_pl.finite import nonfinite_flag
 # SIGUSR1 is what SLURM sends ahead of the time limit (sbatch --signal=USR1@90); SIGINT is Ctrl-C.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PARTIAL_SUFFIX = ".partial"  # a write in progress: ".<name>.<pid>.partial" beside its target
+PREVIOUS_NAME = "previous.ckpt"  # what last.ckpt held before its latest write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -74,9 +76,11 @@ class ResumableCheckpoint(ModelCheckpoint):
       Under SLURM with auto-requeue (Lightning's default there) a SIGUSR1 also requeues the job, as Lightning's
       own handler, which this one replaces, would. A second Ctrl-C interrupts at once, without saving.
 
-    Other arguments are ``ModelCheckpoint``'s. Keep at least the two most recent complete checkpoints:
-    ``save_top_k: -1`` keeps every cadence file (the pretraining configs); with ``monitor: step, mode: max`` a
-    ``save_top_k: 2`` keeps the two latest.
+    * The two most recent complete checkpoints are always kept, whatever ``save_top_k`` and ``monitor`` keep:
+      before ``last.ckpt`` is replaced, the file it was becomes ``previous.ckpt`` (a hard link: nothing is
+      copied, and ``last.ckpt`` is never missing), so a bad latest state still has one to go back to.
+
+    Other arguments are ``ModelCheckpoint``'s.
     """
 
     def __init__(self, dirpath: str, enable_version_counter: bool = False, **kwargs) -> None:
@@ -105,6 +109,9 @@ class ResumableCheckpoint(ModelCheckpoint):
             line = (f"the weights are not finite at step {trainer.global_step}: {filepath} was not written"
                     + (f"; the last complete checkpoint is {self.last_model_path}" if self.last_model_path else ""))
             _raise_on_every_rank(trainer, Diverged(line))
+        last = Path(filepath)
+        if trainer.is_global_zero and last.name == self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION:
+            _keep_previous(last)
         super()._save_checkpoint(trainer, filepath)
 
     @property
@@ -154,6 +161,17 @@ class ResumableCheckpoint(ModelCheckpoint):
         ):
             line += f"; {_requeue_slurm_job()}"
         _raise_on_every_rank(trainer, Preempted(line))
+
+
+def _keep_previous(last: Path) -> None:
+    if not _is_local_file_protocol(str(last)) or not last.is_file():  # the first save, or a sharded folder
+        return
+    partial = last.with_name(f".{PREVIOUS_NAME}.{os.getpid()}{PARTIAL_SUFFIX}")
+    try:
+        os.link(last, partial)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(last, partial)
+    os.replace(partial, last.with_name(PREVIOUS_NAME))
 
 
 def _requeue_slurm_job() -> str:
