@@ -162,6 +162,22 @@ class OmniMAETask(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        # For the model card of `omnimae-cli export --format hub`: the last validation figures and the data the
+        # weights were trained on, as plain floats and strings (the file stays weights_only-loadable).
+        trainer = self._trainer  # None for a module saved without a trainer attached (`self.trainer` raises)
+        if trainer is None:
+            return
+        checkpoint["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        dm = trainer.datamodule
+        sources = getattr(dm, "sources", None) or [s for s in [getattr(dm, "source", None)] if s is not None]
+        per_step = trainer.world_size * trainer.accumulate_grad_batches
+        batch = dm.batch_sizes() if callable(getattr(dm, "batch_sizes", None)) else {}
+        checkpoint["data"] = {
+            "sources": [{"name": s.name, "kind": s.kind, "split": s.split, "weight": s.weight} for s in sources],
+            "masking": {m: {"mask_type": c.mask_type, "ratio": float(c.ratio)}
+                        for m, c in (getattr(dm, "masking", None) or {}).items()},
+            "global_batch": {m: int(b) * per_step for m, b in batch.items()},
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
