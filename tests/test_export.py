@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from omnimae_pl.export import export_timm, load_timm, main
@@ -87,3 +89,23 @@ def test_released_file_and_command_line(tmp_path, capsys):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x), ours(x), atol=1e-5)
+
+
+def test_format_hub_writes_a_folder_and_timm_stays_the_default(tmp_path, capsys):
+    ours = _classifier()
+    src = _lightning_ckpt(ours, tmp_path / "ft.ckpt", size="tiny", model_overrides=TINY, img_size=32, num_frames=4)
+    timm_kwargs = main([str(src), str(tmp_path / "timm.pth")])
+    assert (tmp_path / "timm.pth").is_file() and timm_kwargs["num_classes"] == 5
+    config = main([str(src), str(tmp_path / "hub"), "--format", "hub", "--img-size", "48"])
+    assert "export_hub" in capsys.readouterr().out
+    assert config["model"]["head"]["num_classes"] == 5 and config["timm"]["model_args"]["img_size"] == 48
+    from_folder = VisionTransformer(**config["timm"]["model_args"])
+    from_folder.load_state_dict(load_file(tmp_path / "hub" / "timm" / "model.safetensors"), strict=True)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():  # the folder's timm part is the timm export at 48 px, from the same conversion
+        exported = export_timm(src, tmp_path / "timm48.pth", img_size=48, verbose=False)
+        assert exported == config["timm"]["model_args"]
+        assert torch.equal(from_folder.eval()(x), load_timm(tmp_path / "timm48.pth", **exported)(x))
+    with pytest.raises(SystemExit):
+        main([str(src), str(tmp_path / "hub2"), "--format", "hub", "--num-heads", "2"])
+    assert "--num-heads is for --format timm" in capsys.readouterr().err

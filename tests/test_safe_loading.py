@@ -12,7 +12,7 @@ from cli_helpers import DEMO, REPO, run_config
 
 from omnimae_pl.cli import main
 from omnimae_pl.errors import EXIT_USER_ERROR
-from omnimae_pl.export import export_timm, load_timm
+from omnimae_pl.export import export_hub, export_timm, load_timm
 from omnimae_pl.models import load_official, omnimae_pretrain
 from omnimae_pl.models.checkpoints import CheckpointError, load_checkpoint, load_pretrain_model, read_weights
 from omnimae_pl.tasks.finetune import OmniMAEFinetune
@@ -44,10 +44,10 @@ def evil(tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
 @pytest.mark.parametrize(
     "read",
     [load_checkpoint, load_official, load_pretrain_model, read_weights, load_timm,
-     lambda p: export_timm(p, p.with_name("out.pth")),
+     lambda p: export_timm(p, p.with_name("out.pth")), lambda p: export_hub(p, p.with_name("hub")),
      lambda p: OmniMAEFinetune(size="tiny", num_classes=3, img_size=32, num_frames=4, init_from=str(p))],
     ids=["load_checkpoint", "load_official", "load_pretrain_model", "read_weights", "load_timm", "export_timm",
-         "init_from"],
+         "export_hub", "init_from"],
 )
 def test_python_entry_points_refuse(evil, read):
     path, marker = evil
@@ -72,6 +72,7 @@ def test_tools_refuse(evil, tmp_path, demo_root, capsys):
     _refused_by_cli(["reconstruct", "--checkpoint", str(path), "--inputs", str(image), "--out-dir",
                      str(tmp_path / "recon")], path, marker, capsys)
     _refused_by_cli(["export", str(path), str(tmp_path / "out.pth")], path, marker, capsys)
+    _refused_by_cli(["export", str(path), str(tmp_path / "hub"), "--format", "hub"], path, marker, capsys)
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])

@@ -1,6 +1,7 @@
 """omnimae-pl: OmniMAE pretraining, fine-tuning and inspection with PyTorch Lightning."""
 
 from omnimae_pl.models import OmniMAE, OmniViTClassifier, load_official, omnimae_classifier, omnimae_pretrain
+from omnimae_pl.models.hub import load_pretrained
 
 __version__ = "0.1.0"
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "OmniMAEPretrain",
     "OmniViTClassifier",
     "load_official",
+    "load_pretrained",
     "omnimae_classifier",
     "omnimae_pretrain",
 ]

@@ -27,6 +27,7 @@ from torch import nn
 from omnimae_pl.errors import UserError
 from omnimae_pl.models.classifier import OmniViTClassifier
 from omnimae_pl.models.factory import model_size, num_heads_for, omnimae_pretrain
+from omnimae_pl.models.hub import load_pretrained
 from omnimae_pl.models.official import convert_official, infer_official_size, official_model, unwrap_trainer_state
 from omnimae_pl.models.omnimae import OmniMAE
 from omnimae_pl.models.pos_embed import table_layout
@@ -189,11 +190,17 @@ def load_official(
 
 
 def load_pretrain_model(path: str | PathLike) -> OmniMAE:
-    """A Lightning checkpoint of our pretraining module or a released pretraining file -> OmniMAE, in eval mode.
+    """A Lightning checkpoint of our pretraining module, a released pretraining file or a hub folder of a
+    pretraining model (``omnimae-cli export --format hub``) -> OmniMAE, in eval mode.
 
     A Lightning checkpoint's hyper-parameters name the architecture (``size``, ``model_overrides``,
     ``patch_size``, ``img_size``, ``num_frames``) and its ``state_dict`` holds the model under ``model.``.
     """
+    if Path(path).is_dir():
+        model = load_pretrained(path)
+        if not isinstance(model, OmniMAE):
+            raise CheckpointError(f"{path} is a fine-tuned model: it has no decoder, so it cannot reconstruct")
+        return model
     contents = load_checkpoint(path)
     if "state_dict" not in contents:
         model = official_model(contents)
