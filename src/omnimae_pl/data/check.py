@@ -17,9 +17,10 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from omnimae_pl.data.video_datasets import SSV2_SPLITS, _read_json
 from omnimae_pl.errors import ConfigError, DatasetError, UserError, find_user_error
 
 STAGES = (("train", "split"), ("val", "val_split"), ("test", "test_split"))
-UNKNOWN_TEMPLATE, UNLABELLED = "<template not in labels.json>", "<unlabelled>"
+UNKNOWN_TEMPLATE = "<template not in labels.json>"  # the class of SSv2 entries the datamodule refuses
 
 
 class DataCheckFailed(UserError):
@@ -45,13 +46,13 @@ class DataCheckFailed(UserError):
 
 @dataclass
 class Listing:
-    """The files of one source and split: ``paths[i]`` / ``describe(i)``, their labels and the class names."""
+    """The files of one source and split: ``describe(i)`` names file i, ``labels[i]`` indexes ``classes``."""
 
     source: SourceConfig
     split: str
     stages: list[str]
     size: int = 0
-    describe: object = None  # index -> path
+    describe: Callable[[int], str] | None = None
     labels: np.ndarray | None = None
     classes: tuple[str, ...] = ()
     error: str = ""  # why the datamodule refuses this split (training would stop at the start)
@@ -159,11 +160,13 @@ def ssv2_orphans(cfg: SourceConfig) -> list[str]:
 
 def probe_all(
     listings: list[Listing], num_frames: int, workers: int, timeout: float, progress: bool
-) -> dict[tuple[str, str], SplitCheck]:
-    """Every file of every listing, in a pool of ``workers`` processes; a file whose worker dies is ``crashed``."""
+) -> tuple[dict[tuple[str, str], SplitCheck], float]:
+    """Every file of every listing, in a pool of ``workers`` processes; a file whose worker dies is ``crashed``.
+    Also returns the CPU seconds the workers used (a rate per CPU second holds on a loaded machine too)."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     started = ctx.SimpleQueue()
     checks = {}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with ctx.Pool(workers, initializer=init_worker, initargs=(started,)) as pool:  # before tqdm starts a thread
         for listing in listings:
             check = SplitCheck(listing, listing.source.modality)
@@ -179,7 +182,8 @@ def probe_all(
                 for item in run.chunks(([x] for x in lost), check, bar):  # alone, to find the one that kills
                     check.add(item[0], ("crashed", "its worker process died", True, None), item[1])
                     bar.update(1)
-    return checks
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's workers have been joined
+    return checks, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def _batched(items: Iterator, size: int) -> Iterator[list]:
@@ -254,11 +258,14 @@ def _alive(pid: int) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="omnimae-cli data-check", description="Read every file a training config would use and report.",
-        epilog="Options --data.init_args.* after the configs override them, as with omnimae-cli fit. Reasons a "
-        f"file is unreadable: {reasons_help()}. Exit 0: every split within max_invalid_fraction; 2: not.",
+        epilog="options --data.init_args.* after the configs override them, as with omnimae-cli fit\n\n"
+        f"reasons a file is unreadable:\n{reasons_help()}\n\nexit 0: every split within the config's "
+        "max_invalid_fraction; 2: not, or a split the datamodule refuses",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", action="append", required=True, help="a fit config (repeat: later wins)")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="probing processes")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parser.add_argument("--workers", type=int, default=cpus, help=f"probing processes (default: the {cpus} CPUs here)")
     parser.add_argument("--out", default="data_check.json", help="the JSON report (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds one file may take (default 60)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -273,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     ssv2 = {x.source.name: x.source for x in listings if x.source.kind == "ssv2" and Path(x.source.root).is_dir()}
     orphans = {name: ssv2_orphans(cfg) for name, cfg in ssv2.items()}
     t1 = time.perf_counter()
-    checks = probe_all(listings, dm.num_frames, args.workers, args.timeout, not args.no_progress)
+    checks, cpu = probe_all(listings, dm.num_frames, args.workers, args.timeout, not args.no_progress)
     t2 = time.perf_counter()
     limit = dm.bad_samples.max_invalid_fraction
     files = sum(c.size for c in checks.values())
@@ -286,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         "ssv2_videos_in_no_json": {name: {"count": len(o), "files": o} for name, o in orphans.items()},
         "timing": {"workers": args.workers, "files": files, "listing_s": round(t1 - t0, 3),
                    "probing_s": round(t2 - t1, 3), "files_per_s": round(files / max(t2 - t1, 1e-9), 1),
-                   "files_per_s_per_worker": round(files / max(t2 - t1, 1e-9) / args.workers, 1)},
+                   "files_per_s_per_worker": round(files / max(t2 - t1, 1e-9) / args.workers, 1),
+                   "workers_cpu_s": round(cpu, 3), "files_per_cpu_s": round(files / max(cpu, 1e-9), 1)},
     }
     failed = [s["failed"] for s in report["splits"] if s["failed"]]
     report["ok"] = not failed

@@ -153,7 +153,7 @@ def print_report(report: dict, out: str) -> None:
     if report["ok"]:
         print(f"OK: every split within max_invalid_fraction {report['max_invalid_fraction']:g}")
     print(f"report: {out}; {t['files']} files probed in {t['probing_s']:.1f} s ({t['files_per_s']:g} files/s, "
-          f"{t['files_per_s_per_worker']:g} per worker)")
+          f"{t['files_per_s_per_worker']:g} per worker, {t['files_per_cpu_s']:g} per CPU second)")
 
 
 def _print_split(s: dict) -> None:
@@ -199,4 +199,4 @@ def _print_split(s: dict) -> None:
 
 def reasons_help() -> str:
     """The reasons a file can be unreadable, for ``--help``."""
-    return "; ".join(f"{name}: {text}" for name, text in REASONS.items())
+    return "\n".join(f"  {name:<17}{text}" for name, text in REASONS.items())

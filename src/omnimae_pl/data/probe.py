@@ -87,7 +87,8 @@ def probe_video(path: str, num_frames: int) -> Row:
     stats = (float(rate) if rate else 0.0, decoded, len(times), width, height) if times else None
     # The reader's own test: a decode that stops this far before the header's duration is a truncated file.
     if header and decoded < header - max(2 * step, 0.25):
-        detail = f"{len(times)} frames ({decoded:.2f} s) decode, the header says {header:.2f} s"
+        decodes = f"{len(times)} frames ({decoded:.2f} s) decode" if times else "no frame decodes"
+        detail = f"{decodes}, the header says {header:.2f} s"
         return ("truncated", detail, not times, stats)
     if not times:
         return ("corrupt", "no frame decodes", True, None)
