@@ -16,11 +16,16 @@ from reliability_helpers import subprocess_env
 
 class GlobalStepRecorder(Callback):
     """Per step: the modality and the loss averaged over the ranks (what one process with the whole global batch
-    computes); at the end, rank 0 writes them and the model's weights under ``out``."""
+    computes); per validation, its figures; at the end, rank 0 writes them and the model's weights under ``out``."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
         self.steps: list[dict] = []
+        self.validation: list[dict] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # already reduced over the ranks by Lightning (sync_dist) or by the metric itself
+        self.validation.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"].detach().clone()
@@ -40,6 +45,7 @@ class GlobalStepRecorder(Callback):
         if trainer.is_global_zero:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "steps.json").write_text(json.dumps(self.steps))
+            (self.out / "validation.json").write_text(json.dumps(self.validation))
             torch.save(state, self.out / "weights.pt")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from omnimae_pl.data.sample import PADDING_INDEX
 from omnimae_pl.errors import UserError, check_value
 
 
@@ -62,11 +63,13 @@ class BadSampleTracker:
         if name not in self._sources:
             raise KeyError(f"batch from source {name!r}, which was never registered with add_source")
         counts = self._sources[name]
-        invalid = ~torch.as_tensor(batch["valid"]).reshape(-1).bool().cpu()
-        counts.seen += invalid.numel()
+        index = torch.as_tensor(batch["index"]).reshape(-1).cpu()
+        real = index != PADDING_INDEX  # the padding of an evaluation shard is no sample
+        invalid = ~torch.as_tensor(batch["valid"]).reshape(-1).bool().cpu() & real
+        counts.seen += int(real.sum())
         if bool(invalid.any()):
             counts.invalid += int(invalid.sum())
-            failed = set(torch.as_tensor(batch["index"]).reshape(-1).cpu()[invalid].tolist())
+            failed = set(index[invalid].tolist())
             counts.failures.update(failed)
             counts.unreported |= failed
             errors = batch.get("errors", {})

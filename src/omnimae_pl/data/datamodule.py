@@ -3,7 +3,7 @@
 Both shard their data themselves (``trainer.use_distributed_sampler: false``, the CLI's default): training goes
 through a ``ModalityInterleaver`` (seeded per-epoch shuffling, the rank's shard, ``(index, epoch)`` keys, a
 mid-epoch resumable position in the checkpoint, bad-sample counting), and evaluation loaders split their set over
-the ranks with a non-shuffling ``DistributedSampler``.
+the ranks in order (``EvalShard``: no sample counted twice, the same number of batches on every rank).
 
 Arguments are checked when a datamodule is made: a value that is not accepted raises
 :class:`~omnimae_pl.errors.ConfigError` naming its full key (``data.init_args.image_masking.ratio``) and what is
@@ -42,9 +42,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from omnimae_pl.data.bad_samples import BadSampleTracker
+from omnimae_pl.data.eval_shard import EvalShard
 from omnimae_pl.data.imagenet import ImageNet
 from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, Source
 from omnimae_pl.data.label_fraction import check_fraction, stratified_indices
@@ -228,17 +229,19 @@ class _SourcesDataModule(LightningDataModule):
             self.interleaver.shutdown()
 
     def _eval_loader(self, dataset: Dataset, cfg: SourceConfig, batch_size: int, limit: int | None = None) -> DataLoader:
-        """In-order loader over (an evenly spaced ``limit``-item subset of) ``dataset``, split over the ranks; its
-        source is registered in ``eval_bad_samples``."""
+        """In-order loader over (an evenly spaced ``limit``-item subset of) ``dataset``, split over the ranks
+        (:class:`EvalShard`: every sample counts once, every rank runs as many batches); its source is registered
+        in ``eval_bad_samples``."""
         describe = dataset.describe  # batches carry the full dataset's indices, also from a subset
         if limit is not None and limit < len(dataset):
             dataset = Subset(dataset, torch.linspace(0, len(dataset) - 1, limit).round().long().tolist())
         self.eval_bad_samples.add_source(cfg.name, describe, len(dataset))
         rank, world_size = self._data_parallel()
-        sampler = DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
+        if world_size > 1:
+            dataset = EvalShard(dataset, rank, world_size)
         workers = self.num_workers if cfg.num_workers is None else cfg.num_workers
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False,
+            dataset, batch_size=batch_size, shuffle=False, drop_last=False,
             collate_fn=functools.partial(collate_samples, modality=cfg.modality, source=cfg.name),
             generator=loader_generator(self.seed, "eval", cfg.name), worker_init_fn=ignore_stop_signals,
             **self._loader_options(workers),

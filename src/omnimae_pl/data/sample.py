@@ -6,7 +6,8 @@ A dataset item is a dict (or, for replicated video, a list of such dicts, one pe
     mask    bool (T', H', W') token mask, True = masked (images: T' = 1); absent for fine-tuning
     label   int64 scalar class index, -1 when the source has no labels
     valid   bool scalar, False for a placeholder that stands in for a file that could not be read
-    index   int64 scalar, the sample's index in its dataset (replicas share it)
+    index   int64 scalar, the sample's index in its dataset (replicas share it); ``PADDING_INDEX`` for the
+            padding that evens out the ranks' shares of an evaluation set (invalid, and never counted)
     error   str, why a placeholder's file could not be read ("" for a readable sample)
 
 A collated batch has the same keys with a leading batch axis, plus
@@ -25,6 +26,7 @@ import torch
 from omnimae_pl.masking import MaskingConfig, token_grid
 
 SAMPLE_KEYS = ("input", "mask", "label", "valid", "index")
+PADDING_INDEX = -1
 
 
 def make_sample(

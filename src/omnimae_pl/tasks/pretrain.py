@@ -14,7 +14,7 @@ from omnimae_pl.optim import param_groups
 from omnimae_pl.tasks.bad_sample_report import BadSampleReport
 from omnimae_pl.tasks.base import OmniMAETask, model_kwargs
 from omnimae_pl.tasks.checks import MODEL, check_optimisation, check_trainer
-from omnimae_pl.tasks.step_logging import log_this_step
+from omnimae_pl.tasks.step_logging import log_epoch_mean, log_this_step
 
 
 class OmniMAEPretrain(OmniMAETask):
@@ -112,20 +112,17 @@ class OmniMAEPretrain(OmniMAETask):
                 loss = loss + probe_loss
             log_this_step(self, per_modality)
             return loss + self._touch_idle_probes(latent, modality)
-        # Epoch means weighted by the readable samples; a batch of placeholders adds nothing (its loss is 0).
+        # Epoch means weighted by the readable samples of every rank: a batch of placeholders (or of an
+        # evaluation shard's padding) weighs 0.
         readable = int(valid.sum())  # evaluation only: the read of the device costs nothing here
-        if readable:
-            # What predicting every hidden patch's mean (zero in the normalised space) scores on the same inputs
-            # and masks: a loss that stays on it means the decoder has learnt nothing for this modality.
-            baseline = self.model.forward_loss(x, torch.zeros_like(pred), mask, valid)
-            for name, value in ((f"{stage}/loss_{modality}", loss), (f"{stage}/loss_{modality}_baseline", baseline)):
-                self.log(name, value, on_epoch=True, batch_size=readable, add_dataloader_idx=False, sync_dist=True)
-        if modality in self.probes:
+        # What predicting every hidden patch's mean (zero in the normalised space) scores on the same inputs
+        # and masks: a loss that stays on it means the decoder has learnt nothing for this modality.
+        baseline = self.model.forward_loss(x, torch.zeros_like(pred), mask, valid)
+        for name, value in ((f"{stage}/loss_{modality}", loss), (f"{stage}/loss_{modality}_baseline", baseline)):
+            log_epoch_mean(self, name, value, readable)
+        if modality in self.probes and bool((batch["label"] >= 0).any()):  # a labelled source (padding copies labels)
             _, acc = self._probe(latent, batch, modality)
-            labelled = int(((batch["label"] >= 0) & valid.bool()).sum())
-            if labelled:
-                self.log(f"{stage}/probe_acc_{modality}", acc, on_epoch=True, batch_size=labelled,
-                         add_dataloader_idx=False, sync_dist=True)
+            log_epoch_mean(self, f"{stage}/probe_acc_{modality}", acc, int(((batch["label"] >= 0) & valid.bool()).sum()))
         return loss
 
     def _probe(self, latent: torch.Tensor, batch: dict, modality: str) -> tuple[torch.Tensor, torch.Tensor]:

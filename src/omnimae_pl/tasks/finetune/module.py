@@ -30,6 +30,7 @@ from omnimae_pl.tasks.bad_sample_report import BadSampleReport
 from omnimae_pl.tasks.base import OmniMAETask, model_kwargs
 from omnimae_pl.tasks.checks import MODEL, check_optimisation, check_trainer
 from omnimae_pl.tasks.finetune.metrics import DedupTopKAccuracy
+from omnimae_pl.tasks.step_logging import log_epoch_mean
 from omnimae_pl.tasks.finetune.mixup import VideoMixup
 from omnimae_pl.tasks.finetune.multiview import average_logits_by_id, first_occurrence
 from omnimae_pl.tasks.init_from import InitReport, load_classifier_weights
@@ -217,10 +218,9 @@ class OmniMAEFinetune(OmniMAETask):
         logits, label = out["logits"][keep], out["label"][keep]
         # updated even when empty, so that every process holds a state to gather at the end
         metric.update(logits, label, out["index"][keep])
-        if label.numel():
-            loss = F.cross_entropy(logits, label)
-            self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=label.numel(),
-                     add_dataloader_idx=False)
+        # weighted by the batch's valid samples (none for placeholders and an evaluation shard's padding)
+        loss = F.cross_entropy(logits, label) if label.numel() else logits.new_zeros(())
+        log_epoch_mean(self, f"{stage}/loss", loss, label.numel())
         return out
 
     def _log_metric(self, stage: str, metric: DedupTopKAccuracy) -> None:
