@@ -121,22 +121,6 @@ def test_module_entry_point_is_the_same_program():
     assert "fit" in result.stdout and "predict" in result.stdout
 
 
-def test_fsdp2_config_trains_with_two_cpu_processes(demo_root, tmp_path):
-    """configs/trainer/fsdp2.yaml on 2 CPU processes (gloo), run as a subprocess: Lightning re-launches the
-    command for rank 1, which must not be pytest."""
-    import subprocess
-    import sys
-
-    cfg = run_config(demo_root, tmp_path, max_steps=3, limit_val_batches=0, val_check_interval=None, logger=False,
-                     callbacks=[])
-    cmd = [sys.executable, "-m", "omnimae_pl", "fit", "--config", str(REPO / "configs" / "demo.yaml"),
-           "--config", str(REPO / "configs" / "trainer" / "fsdp2.yaml"), "--config", str(cfg),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "`Trainer.fit` stopped: `max_steps=3` reached." in result.stderr + result.stdout
-
-
 def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

@@ -8,6 +8,7 @@ import math
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from omnimae_pl.errors import ConfigError
@@ -150,6 +151,17 @@ class OmniMAETask(LightningModule):
 
         optimizer.step(closure=checked_closure)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping (``trainer.gradient_clip_val``), also under FSDP1, whose precision plugin refuses
+        clipping by norm: there the norm over all shards is FSDP's own ``clip_grad_norm_`` of the root module.
+        (DDP and FSDP2 need nothing: the gradients are whole, or DTensors whose norm is reduced over the ranks.)"""
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_algorithm in (
+            None, "norm"
+        ):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _finite_step(self, loss: torch.Tensor | None, optimizer) -> bool:
         """Whether the loss and every gradient are finite on every rank: the flag is all-reduced, so the ranks
