@@ -29,7 +29,7 @@ TRAINER_DEFAULTS = {"logger": WANDB_OFFLINE, "use_distributed_sampler": False}
 # name -> (module with main(argv), one-line purpose): the one list of the commands a user runs besides LightningCLI's.
 TOOLS = {
     "reconstruct": ("omnimae_pl.reconstruct", "write reconstruction pictures of images and videos from a checkpoint"),
-    "export": ("omnimae_pl.export", "export an encoder (and head) for timm's VisionTransformer"),
+    "export": ("omnimae_pl.export", "export weights for timm's VisionTransformer, or as a model-hub folder"),
     "demo-data": ("omnimae_pl.data.demo", "build the demo corpus (ImageNet and SSv2 layouts) from installed packages"),
     "bench": ("omnimae_pl.bench", "time the training step: samples/s, MFU, memory, eager vs compiled"),
     "loader-bench": ("omnimae_pl.data.loader_bench", "time the data loaders on one core"),
