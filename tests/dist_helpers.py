@@ -23,6 +23,15 @@ class GlobalStepRecorder(Callback):
         self.steps: list[dict] = []
         self.validation: list[dict] = []
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        me = {"global_rank": trainer.global_rank, "node_rank": trainer.node_rank, "local_rank": trainer.local_rank,
+              "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
+              "environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__}
+        self.ranks = [me]
+        if dist.is_available() and dist.is_initialized():
+            self.ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(self.ranks, me)
+
     def on_validation_end(self, trainer, pl_module) -> None:
         # already reduced over the ranks by Lightning (sync_dist) or by the metric itself
         self.validation.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
@@ -46,6 +55,7 @@ class GlobalStepRecorder(Callback):
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "steps.json").write_text(json.dumps(self.steps))
             (self.out / "validation.json").write_text(json.dumps(self.validation))
+            (self.out / "ranks.json").write_text(json.dumps(self.ranks))
             torch.save(state, self.out / "weights.pt")
 
 
@@ -53,3 +63,23 @@ def run_cli_subprocess(args: list[str], cwd: Path, timeout: int = 600, env: dict
     """``python -m omnimae_pl <args>`` to its end (``env`` added to the test environment)."""
     return subprocess.run([sys.executable, "-m", "omnimae_pl", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env={**subprocess_env(), **(env or {})})
+
+
+def run_together(commands: list[list[str]], envs: list[dict], cwd: Path, timeout: int = 600) -> list:
+    """Start every command at once (the processes of one job, e.g. one per node) and wait for all of them:
+    [(returncode, output)]. Output goes to files (a full pipe would stall a rank, and so every rank); all are
+    killed if one overruns."""
+    logs = [cwd / f"process{i}.log" for i in range(len(commands))]
+    procs = []
+    for cmd, env, log in zip(commands, envs, logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=cwd, env={**subprocess_env(), **env}, stdout=out,
+                                          stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+        return [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

@@ -1,15 +1,20 @@
-"""The shipped DDP and FSDP2 configs on 2 CPU processes (gloo) equal one process with the same global batch per
-modality: per-step losses, final weights, and the validation figures over an evaluation set that does not split
-evenly over the ranks, with gradient clipping on."""
+"""Several CPU processes (gloo) equal one process with the same global batch per modality: per-step losses, final
+weights, and the validation figures over an evaluation set that does not split evenly over the ranks, with
+gradient clipping on. Launched as users launch them: Lightning's own launcher with the shipped DDP and FSDP2
+configs, torchrun as two nodes on loopback, and the SLURM script's command with the variables srun sets."""
 
 from __future__ import annotations
 
 import json
+import shlex
+import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from cli_helpers import DEMO, REPO, run_config
-from dist_helpers import run_cli_subprocess
+from dist_helpers import run_cli_subprocess, run_together
 
 STEPS = 20
 # per rank on 2 processes / on one: the same global batch of 8 images, or 4 clips x 4 replicas
@@ -18,24 +23,53 @@ BATCHES = {2: ("4", "8"), 1: ("8", "16")}
 # batch being one item of padding. Validation at every epoch end.
 VALIDATION = ["--data.init_args.val_samples", "7", "--data.init_args.val_batch_size", "3"]
 CLIP = ["--trainer.gradient_clip_val", "0.05"]  # small enough to clip every step of this run
+DDP = ["--config", str(REPO / "configs" / "trainer" / "ddp.yaml")]
+SBATCH = REPO / "scripts" / "slurm" / "fit.sbatch"
 
 
-def _run(demo_root, tmp_path, world: int, layers: list[str], options: list[str]):
-    """``fit`` of the demo config with test data for STEPS steps on ``world`` processes; (steps, weights)."""
-    out = tmp_path / f"world{world}"
+def _options(demo_root: Path, out: Path, world: int) -> list[str]:
+    """What every run here adds to the demo config: test data and a tiny model, STEPS steps, the recorder."""
     out.mkdir()
     cfg = run_config(demo_root, out, max_steps=STEPS, limit_val_batches=None, val_check_interval=None,
                      check_val_every_n_epoch=1, logger=False,
                      callbacks=[{"class_path": "dist_helpers.GlobalStepRecorder", "init_args": {"out": str(out)}}])
     images, videos = BATCHES[world]
-    args = ["fit", "--config", DEMO, *layers, "--config", str(cfg), *VALIDATION, *CLIP, *options,
-            "--trainer.accelerator", "cpu",
-            "--trainer.devices", str(world), "--trainer.precision", "32-true",
-            "--data.init_args.image_batch_size", images, "--data.init_args.video_batch_size", videos]
+    return ["--config", str(cfg), *VALIDATION, *CLIP, "--trainer.accelerator", "cpu", "--trainer.precision",
+            "32-true", "--data.init_args.image_batch_size", images, "--data.init_args.video_batch_size", videos]
+
+
+def _results(out: Path) -> dict:
+    return {"steps": json.loads((out / "steps.json").read_text()), "val": json.loads((out / "validation.json").read_text()),
+            "ranks": json.loads((out / "ranks.json").read_text()), "weights": torch.load(out / "weights.pt")}
+
+
+def _fit(demo_root, out: Path, world: int, extra: list[str]) -> dict:
+    args = ["fit", "--config", DEMO, *extra, *_options(demo_root, out, world), "--trainer.devices", str(world)]
     result = run_cli_subprocess(args, cwd=out.parent)
     assert result.returncode == 0, result.stderr[-3000:]
-    return (json.loads((out / "steps.json").read_text()), json.loads((out / "validation.json").read_text()),
-            torch.load(out / "weights.pt"))
+    return _results(out)
+
+
+@pytest.fixture(scope="module")
+def one_process(demo_root, tmp_path_factory) -> dict:
+    return _fit(demo_root, tmp_path_factory.mktemp("one") / "world1", 1, [])
+
+
+def _assert_equal(many: dict, one: dict) -> None:
+    assert [s["modality"] for s in many["steps"]] == [s["modality"] for s in one["steps"]]
+    assert {s["modality"] for s in one["steps"]} == {"image", "video"} and len(one["steps"]) == STEPS
+    for a, b in zip(many["steps"], one["steps"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    assert many["weights"].keys() == one["weights"].keys()
+    assert any(k.startswith("probes.") for k in one["weights"])  # the online probes were on, as shipped
+    for key in one["weights"]:
+        torch.testing.assert_close(many["weights"][key], one["weights"][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert len(one["val"]) == len(many["val"]) >= 1  # the end of every epoch
+    for a, b in zip(many["val"], one["val"]):
+        assert {"val/loss_image", "val/loss_video", "val/probe_acc_image"} <= b.keys()
+        assert a.keys() == b.keys()
+        for key in b:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
 
 
 GRAD_CKPT = ["--model.init_args.grad_checkpointing", "{image: true, video: true}"]
@@ -46,21 +80,56 @@ GRAD_CKPT = ["--model.init_args.grad_checkpointing", "{image: true, video: true}
     [("ddp.yaml", []), ("fsdp2.yaml", GRAD_CKPT)],  # FSDP2 is the ViT-H path: with activation checkpointing
     ids=["ddp", "fsdp2-grad-ckpt"],
 )
-def test_two_processes_equal_one(demo_root, tmp_path, strategy, options):
-    layer = ["--config", str(REPO / "configs" / "trainer" / strategy)]
-    two_steps, two_val, two_weights = _run(demo_root, tmp_path, 2, layer, options)
-    one_steps, one_val, one_weights = _run(demo_root, tmp_path, 1, [], options)
-    assert [s["modality"] for s in two_steps] == [s["modality"] for s in one_steps]
-    assert {s["modality"] for s in one_steps} == {"image", "video"} and len(one_steps) == STEPS
-    for two, one in zip(two_steps, one_steps):
-        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), two["step"]
-    assert two_weights.keys() == one_weights.keys()
-    assert any(k.startswith("probes.") for k in one_weights)  # the online probes were on, as shipped
-    for key in one_weights:
-        torch.testing.assert_close(two_weights[key], one_weights[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert len(one_val) == len(two_val) >= 1  # the end of every epoch
-    for two, one in zip(two_val, one_val):
-        assert {"val/loss_image", "val/loss_video", "val/probe_acc_image"} <= one.keys()
-        assert two.keys() == one.keys()
-        for key in one:
-            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+def test_two_processes_equal_one(demo_root, tmp_path, one_process, strategy, options):
+    layer = ["--config", str(REPO / "configs" / "trainer" / strategy), *options]
+    _assert_equal(_fit(demo_root, tmp_path / "world2", 2, layer), one_process)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sbatch_command(config: str, nnodes: int, extra: list[str]) -> list[str]:
+    """The script's ``srun omnimae-cli fit ...`` line, its variables filled in, without srun."""
+    (line,) = [line for line in SBATCH.read_text().splitlines() if line.startswith("srun ")]
+    words = []
+    for word in shlex.split(line)[1:]:
+        words.extend(extra if word == "$@" else [word.replace("$CONFIG", config).replace("$SLURM_NNODES", str(nnodes))])
+    assert words[0] == "omnimae-cli"
+    return [sys.executable, "-m", "omnimae_pl", *words[1:]]
+
+
+def test_two_nodes_under_slurm_equal_one_process(demo_root, tmp_path, one_process):
+    """The SLURM script's command in 2 processes with the variables srun gives 2 nodes of one task each:
+    Lightning's SLURM environment takes ranks, nodes and world size from them (no SLURM here)."""
+    out = tmp_path / "slurm"
+    command = _sbatch_command(DEMO, 2, [*DDP, *_options(demo_root, out, 2), "--trainer.devices", "1"])
+    common = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "omnimae", "SLURM_NTASKS": "2", "SLURM_NNODES": "2",
+              "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "127.0.0.1", "SLURM_LOCALID": "0",
+              "MASTER_PORT": str(_free_port())}
+    envs = [{**common, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank)} for rank in range(2)]
+    for code, log in run_together([command, command], envs, cwd=tmp_path):
+        assert code == 0, log[-3000:]
+    results = _results(out)
+    assert results["ranks"] == [{"global_rank": r, "node_rank": r, "local_rank": 0, "world_size": 2, "num_nodes": 2,
+                                 "environment": "SLURMEnvironment"} for r in range(2)]
+    _assert_equal(results, one_process)
+
+
+def test_two_nodes_with_torchrun_equal_one_process(demo_root, tmp_path, one_process):
+    """README's multi-node torchrun command, once per node on this machine, rendezvous on loopback."""
+    out = tmp_path / "torchrun"
+    args = ["fit", "--config", DEMO, *DDP, "--trainer.num_nodes", "2", *_options(demo_root, out, 2),
+            "--trainer.devices", "1"]
+    port = _free_port()
+    commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                 "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                 "-m", "omnimae_pl", *args] for rank in range(2)]
+    for code, log in run_together(commands, [{}, {}], cwd=tmp_path):
+        assert code == 0, log[-3000:]
+    results = _results(out)
+    assert results["ranks"] == [{"global_rank": r, "node_rank": r, "local_rank": 0, "world_size": 2, "num_nodes": 2,
+                                 "environment": "TorchElasticEnvironment"} for r in range(2)]
+    _assert_equal(results, one_process)
