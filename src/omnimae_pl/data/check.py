@@ -179,8 +179,10 @@ def probe_all(
             with tqdm(total=listing.size, desc=f"{listing.source.name}/{listing.split}", unit="file",
                       disable=not progress, file=sys.stderr) as bar:
                 lost = run.chunks(_batched(items, chunk), check, bar)
-                for item in run.chunks(([x] for x in lost), check, bar):  # alone, to find the one that kills
-                    check.add(item[0], ("crashed", "its worker process died", True, None), item[1])
+                alone = [batch for batch in lost if len(batch) == 1]
+                again = ([item] for batch in lost if len(batch) > 1 for item in batch)  # to find the one that kills
+                for (index, path), in alone + run.chunks(again, check, bar):
+                    check.add(index, ("crashed", "its worker process died", True, None), path)
                     bar.update(1)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's workers have been joined
     return checks, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -210,8 +212,8 @@ class _Run:
         # No result for longer than a chunk can take (every file ended by the watchdog): its worker is gone.
         self.stall = chunk * (2 * timeout + 5) + 10
 
-    def chunks(self, batches: Iterator[list], check: SplitCheck, bar: tqdm) -> list[tuple[int, str]]:
-        """Probe ``batches``, adding rows to ``check``; returns the items of chunks whose worker died."""
+    def chunks(self, batches: Iterator[list], check: SplitCheck, bar: tqdm) -> list[list[tuple[int, str]]]:
+        """Probe ``batches``, adding rows to ``check``; returns the chunks whose worker died."""
         pending: dict[int, list] = {}
         submitted = {"all": False}
 
@@ -230,7 +232,7 @@ class _Run:
                 chunk_id, pid = self.started.get()
                 holders[pid] = chunk_id
             try:
-                chunk_id, rows = results.next(timeout=0.5)
+                chunk_id, rows = results.next(timeout=0.2)  # how soon a dead worker is noticed
             except StopIteration:
                 break
             except mp.TimeoutError:
@@ -244,7 +246,7 @@ class _Run:
             for index, row in rows:
                 check.add(index, row, paths[index])
             bar.update(len(rows))
-        return [item for c in sorted(lost) for item in pending[c]]
+        return [pending[c] for c in sorted(lost)]
 
 
 def _alive(pid: int) -> bool:
@@ -305,5 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         raise DataCheckFailed(f"data-check: {'; '.join(failed)} (report: {args.out})")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m omnimae_pl.data.check: the exit code and one line of omnimae-cli
+    try:
+        main()
+    except UserError as err:
+        print(f"omnimae-cli: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
