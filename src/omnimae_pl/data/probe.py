@@ -37,8 +37,11 @@ REASONS = {
     "crashed": "the decoder killed its process",
 }
 # Magic bytes of the formats the loaders read: a file that starts with one but does not open is damaged, not foreign.
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"RIFF", b"\x1a\x45\xdf\xa3", b"\x00\x00\x00")
-_EXTENSION_FORMATS = {".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}
+# (MP4 and MOV have "ftyp" at byte 4.)
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"RIFF", b"\x1a\x45\xdf\xa3")
+# PIL names a JPEG with several pictures (some cameras write them) MPO: still a JPEG.
+_EXTENSION_FORMATS = {".jpeg": ("JPEG", "MPO"), ".jpg": ("JPEG", "MPO"), ".png": ("PNG",), ".bmp": ("BMP",),
+                      ".webp": ("WEBP",)}
 
 Row = tuple[str, str, bool, tuple | None]
 
@@ -127,7 +130,7 @@ def _why(err: BaseException, path: str) -> str:
 def format_mismatch(path: str, image_format: str | None) -> bool:
     """True when the bytes are another format than the name says (a PNG named .JPEG)."""
     expected = _EXTENSION_FORMATS.get(Path(path).suffix.lower())
-    return expected is not None and image_format is not None and image_format != expected
+    return expected is not None and image_format is not None and image_format not in expected
 
 
 def _on_alarm(signum, frame) -> None:
