@@ -16,7 +16,7 @@ from reliability_helpers import subprocess_env
 
 class GlobalStepRecorder(Callback):
     """Per step: the modality and the loss averaged over the ranks (what one process with the whole global batch
-    computes); per validation, its figures; at the end, rank 0 writes them and the model's weights under ``out``."""
+    computes), the epoch, the lr and every rank's sample indices; per validation, its figures; at the end, rank 0 writes them and the model's weights under ``out``."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
@@ -45,7 +45,14 @@ class GlobalStepRecorder(Callback):
             seen: list = [None] * dist.get_world_size()
             dist.all_gather_object(seen, modality)
             assert len(set(seen)) == 1, f"ranks ran different modalities at step {trainer.global_step}: {seen}"
-        self.steps.append({"step": trainer.global_step, "modality": modality, "loss": loss.item()})
+        index = batch["index"].tolist()
+        if dist.is_available() and dist.is_initialized():
+            every: list = [None] * dist.get_world_size()
+            dist.all_gather_object(every, index)
+            index = [i for rank in every for i in rank]
+        self.steps.append({"step": trainer.global_step, "modality": modality, "loss": loss.item(),
+                           "epoch": trainer.current_epoch, "source": batch["source"], "index": index,
+                           "lr": trainer.optimizers[0].param_groups[0]["lr"]})
 
     def on_train_end(self, trainer, pl_module) -> None:
         # FSDP2 holds shards (DTensors): every rank takes part in gathering the full tensors

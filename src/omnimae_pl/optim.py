@@ -23,6 +23,20 @@ def fused_adamw(device: torch.device) -> bool | None:
     return True if device.type in ("cuda", "cpu") else None
 
 
+def with_initial_state(optimizer: torch.optim.AdamW) -> torch.optim.AdamW:
+    """Give every parameter now the state AdamW gives it at its first update (step 0, zero moments): the updates
+    are unchanged, and every checkpoint holds a state for every parameter, also for one not updated yet (the
+    probe of a modality not trained yet), without which FSDP2 refuses to resume from it."""
+    state = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    for i, p in zip(ids, params):
+        state["state"].setdefault(i, {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)})
+    optimizer.load_state_dict(state)  # torch puts each value where the optimizer keeps it (fused: on the device)
+    return optimizer
+
+
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Biases and every norm parameter are 1-D; the mask token (1, D) and all weights are decayed."""
     return param.ndim <= 1 or name.endswith(".bias")
