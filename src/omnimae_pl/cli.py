@@ -7,16 +7,15 @@ the tools in :data:`TOOLS` run as ``omnimae-cli <tool> ...``, each with its own 
 from __future__ import annotations
 
 import importlib
-import re
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from omnimae_pl.callbacks import WANDB_RUN_ID_KEY
-from omnimae_pl.errors import EXIT_USER_ERROR, find_user_error
+from omnimae_pl.config_parser import OneLineErrorParser
+from omnimae_pl.errors import find_user_error
 from omnimae_pl.models.checkpoints import load_checkpoint
 
 WANDB_OFFLINE = {
@@ -30,6 +29,7 @@ TRAINER_DEFAULTS = {"logger": WANDB_OFFLINE, "use_distributed_sampler": False}
 TOOLS = {
     "reconstruct": ("omnimae_pl.reconstruct", "write reconstruction pictures of images and videos from a checkpoint"),
     "export": ("omnimae_pl.export", "export weights for timm's VisionTransformer, or as a model-hub folder"),
+    "data-check": ("omnimae_pl.data.check", "read every file a training config would use and report the unreadable ones"),
     "demo-data": ("omnimae_pl.data.demo", "build the demo corpus (ImageNet and SSv2 layouts) from installed packages"),
     "bench": ("omnimae_pl.bench", "time the training step: samples/s, MFU, memory, eager vs compiled"),
     "loader-bench": ("omnimae_pl.data.loader_bench", "time the data loaders on one core"),
@@ -46,37 +46,6 @@ def commands_help() -> str:
     rows = [*LIGHTNING_COMMANDS.items(), *((name, purpose) for name, (_, purpose) in TOOLS.items())]
     width = max(len(name) for name, _ in rows)
     return "commands:\n" + "\n".join(f"  {name:<{width}}  {purpose}" for name, purpose in rows)
-
-
-_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value",
-          "- Problem with given class_path")
-
-
-def condense_parse_error(message: str) -> str:
-    """jsonargparse's nested report (union subtypes, the given value, the whole sub-config) -> one line: the full
-    key, the class it belongs to, and the innermost reason."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    classes = re.findall(r"class_path '([^']+)'", message)
-    lines = [re.sub(r'^(- )?Parser key "[^"]+":\s*', "", line.strip()) for line in message.splitlines()]
-    reasons = [line.lstrip("- ") for line in lines if line and not line.startswith(_NOISE)]
-    reason = reasons[0] if reasons else lines[0]
-    if len(keys) > 1 and classes:
-        keys = [keys[0], "init_args", *keys[1:]]
-    where = ".".join(keys)
-    where += f" ({classes[0]})" if classes else ""
-    return f"{where}: {reason}" if where else reason
-
-
-class OneLineErrorParser(LightningArgumentParser):
-    """A mistake on the command line or in a config is one line on stderr (exit 2), never the usage text and a
-    dump of the whole config."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error:
-            super().error(message, ex)
-        sys.stderr.write(f"omnimae-cli: error: {condense_parse_error(message)}\n")
-        sys.stderr.write(f"(accepted options: {self.prog.replace(' [options]', '')} --help)\n")
-        sys.exit(EXIT_USER_ERROR)
 
 
 class OmniCLI(LightningCLI):

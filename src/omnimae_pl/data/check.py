@@ -29,7 +29,7 @@ import yaml
 from lightning.pytorch import LightningDataModule
 from tqdm import tqdm
 
-from omnimae_pl.cli import OneLineErrorParser
+from omnimae_pl.config_parser import OneLineErrorParser
 from omnimae_pl.data.check_report import SplitCheck, print_report, reasons_help
 from omnimae_pl.data.probe import init_worker, probe_chunk
 from omnimae_pl.data.sources import SourceConfig
