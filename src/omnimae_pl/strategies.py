@@ -35,10 +35,16 @@ class MixedPrecisionFSDPStrategy(FSDPStrategy):
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 (``fully_shard``) over every process: ModelParallelStrategy with a data-parallel mesh as wide as
     the world and no tensor parallelism ("auto" would make data parallelism span nodes only). The
-    LightningModule's ``configure_model`` does the sharding."""
+    LightningModule's ``configure_model`` does the sharding.
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+    Checkpoints are one file holding the full state (gathered on rank 0), which resumes on any number of processes
+    and loads where no FSDP runs (``init_from``, ``export``, ``reconstruct``); ``save_distributed_checkpoint:
+    true`` writes each rank's shard into a folder instead (faster for the largest models, but it resumes only
+    under FSDP2)."""
+
+    def __init__(self, save_distributed_checkpoint: bool = False, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes

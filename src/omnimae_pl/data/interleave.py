@@ -18,7 +18,8 @@ Dataset keys are ``(index, epoch)``, so a worker's draws depend on nothing but (
 
 Resume: ``state_dict()`` holds the epoch and the number of batches already delivered (plus the bad-sample
 counts); after ``load_state_dict()`` the next iteration recomputes the same schedule and gives every batch
-sampler only the batches that remain, so skipped batches are never decoded. Only one iteration may be active
+sampler only the batches that remain, so skipped batches are never decoded. Under another layout (world size,
+batch sizes) a position inside an epoch resumes at the next epoch. Only one iteration may be active
 at a time (as with a DataLoader with persistent workers).
 
 Lightning (2.6): return the interleaver from ``train_dataloader()``. Lightning wraps it in a ``CombinedLoader``
@@ -170,6 +171,7 @@ class ModalityInterleaver:
         self.bad_samples = bad_samples if bad_samples is not None else BadSampleTracker()
         self._batch_lists = [_BatchList() for _ in self.sources]
         self._iterators: dict[int, Iterator] = {}
+        self._skip_rest_of_epoch = False  # set by a resume under another layout
         self.loaders = []
         for source, batch_list in zip(self.sources, self._batch_lists):
             workers = num_workers if source.num_workers is None else source.num_workers
@@ -206,8 +208,9 @@ class ModalityInterleaver:
     def _iterate(self) -> Iterator[dict[str, Any]]:
         sampler = self.sampler
         epoch = sampler.epoch
-        if sampler.step >= len(sampler):  # iterating a finished epoch again replays it
+        if sampler.step >= len(sampler) and not self._skip_rest_of_epoch:  # a finished epoch again replays it
             sampler.step = 0
+        self._skip_rest_of_epoch = False
         start = sampler.step
         order = sampler.order(epoch)
         iterators = self._iterators = {}
@@ -240,19 +243,21 @@ class ModalityInterleaver:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` was taken: exactly, with the same seed, world size, sources and batch sizes.
-        With another layout (e.g. more GPUs) an epoch boundary carries over exactly, and a position inside an
-        epoch keeps its step count (as Lightning's own progress does) in the new layout's schedule, with a
-        warning: that epoch's remaining samples then only approximate the interrupted run's."""
+        Under another layout (e.g. another number of processes) an epoch boundary carries over exactly; a
+        position inside an epoch ends that epoch, with a warning: training goes on from the next epoch, as a run
+        started on the new layout would, and no sample of the interrupted epoch is seen twice."""
         step = int(state["step"])
         saved_len = sum(s[3] for s in state["layout"]["sources"])
+        self.sampler.epoch = int(state["epoch"])
         if 0 < step < saved_len and state["layout"] != self.sampler.layout():
             warnings.warn(
-                f"resuming epoch {state['epoch']} at step {step} under another data layout "
-                f"({state['layout']} -> {self.sampler.layout()}); the rest of this epoch is approximate",
+                f"resuming epoch {state['epoch']} at step {step} of {saved_len} under another data layout "
+                f"({state['layout']} -> {self.sampler.layout()}): the rest of that epoch is skipped, training goes "
+                f"on from epoch {self.sampler.epoch + 1}",
                 stacklevel=2,
             )
-        self.sampler.epoch = int(state["epoch"])
-        self.sampler.step = len(self.sampler) if step >= saved_len else min(step, len(self.sampler))
+            step, self._skip_rest_of_epoch = saved_len, True
+        self.sampler.step = len(self.sampler) if step >= saved_len else step
         self.bad_samples.load_state_dict(state.get("bad_samples", {}))
 
 

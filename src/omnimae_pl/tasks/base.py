@@ -13,7 +13,7 @@ from torch import nn
 
 from omnimae_pl.errors import ConfigError
 from omnimae_pl.finite import nonfinite_flag
-from omnimae_pl.optim import fused_adamw, warmup_cosine
+from omnimae_pl.optim import fused_adamw, warmup_cosine, with_initial_state
 
 
 def model_kwargs(model_overrides: dict | None, patch_size) -> dict:
@@ -122,7 +122,7 @@ class OmniMAETask(LightningModule):
         ``min_lr`` (both scaled per group like the peak)."""
         for group in groups:
             group["lr"] = peak * group["lr_scale"]
-        optimizer = torch.optim.AdamW(groups, lr=peak, fused=fused_adamw(self.device), **adamw)
+        optimizer = with_initial_state(torch.optim.AdamW(groups, lr=peak, fused=fused_adamw(self.device), **adamw))
         start, end = warmup_start_lr / peak, min_lr / peak
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
