@@ -60,6 +60,10 @@ def _assert_equal(many: dict, one: dict) -> None:
     assert {s["modality"] for s in one["steps"]} == {"image", "video"} and len(one["steps"]) == STEPS
     for a, b in zip(many["steps"], one["steps"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+        # the ranks' shards of a step are disjoint and together are the one process's batch
+        assert sorted(a["index"]) == sorted(b["index"]), a["step"]
+        if a["modality"] == "image":
+            assert len(set(a["index"])) == len(a["index"]), a["step"]
     assert many["weights"].keys() == one["weights"].keys()
     assert any(k.startswith("probes.") for k in one["weights"])  # the online probes were on, as shipped
     for key in one["weights"]:
