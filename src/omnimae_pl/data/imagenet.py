@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -65,6 +66,31 @@ class ImageNet(Dataset):
         val_labels: str | os.PathLike | None = None,
         synsets: str | os.PathLike | None = None,
     ) -> None:
+        self._load_items(root, split, val_labels, synsets)
+        if train is None:
+            train = split == "train"
+        if transform is None:
+            transform = (
+                RandomResizedCropFlip(img_size, scale=scale, hflip_prob=hflip_prob, interpolation=interpolation)
+                if train
+                else ResizeCenterCrop(img_size, crop_ratio=crop_ratio, interpolation=interpolation)
+            )
+        self.transform = transform
+        self.img_size = img_size
+        self.masking = masking
+        self.patch_size = tuple(patch_size)
+        self.seed = seed
+        self.epoch = 0
+
+    def _load_items(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        val_labels: str | os.PathLike | None,
+        synsets: str | os.PathLike | None,
+    ) -> None:
+        """List the split: ``classes``, ``class_to_idx``, and per item its file (``files``, relative to
+        ``split_dir``) and class (``labels``), in the order that numbers the items."""
         self.root = Path(root)
         self.split = split
         if not self.root.is_dir():
@@ -84,21 +110,6 @@ class ImageNet(Dataset):
         self.files = np.array([os.fsencode(path.relative_to(split_dir)) for path, _ in samples])
         self.labels = np.array([label for _, label in samples], dtype=np.int64)
 
-        if train is None:
-            train = split == "train"
-        if transform is None:
-            transform = (
-                RandomResizedCropFlip(img_size, scale=scale, hflip_prob=hflip_prob, interpolation=interpolation)
-                if train
-                else ResizeCenterCrop(img_size, crop_ratio=crop_ratio, interpolation=interpolation)
-            )
-        self.transform = transform
-        self.img_size = img_size
-        self.masking = masking
-        self.patch_size = tuple(patch_size)
-        self.seed = seed
-        self.epoch = 0
-
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -117,12 +128,17 @@ class ImageNet(Dataset):
     def describe(self, index: int) -> str:
         return str(self.split_dir / os.fsdecode(self.files[index]))
 
+    def encoded(self, index: int) -> str | BinaryIO:
+        """The encoded image of item ``index``, as ``PIL.Image.open`` takes it: here the path of its file (the
+        litdata shards give its bytes instead); raises OSError when it cannot be had."""
+        return self.describe(index)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         index, epoch = split_key(key, self.epoch)
         label = int(self.labels[index])
         error = ""
         try:
-            with Image.open(self.describe(index)) as image:
+            with Image.open(self.encoded(index)) as image:
                 pixels = self.transform(image, sample_generator(self.seed, epoch, index, "crop"))
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
             # OSError: missing, empty, truncated and non-image files; PIL's plugins raise the others on

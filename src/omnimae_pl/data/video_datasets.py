@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from omnimae_pl.data.sample import failure_reason, make_sample
 from omnimae_pl.data.seeding import sample_generator, split_key
-from omnimae_pl.data.video_io import VideoBackend, VideoDecodeError, make_reader
+from omnimae_pl.data.video_io import VideoBackend, VideoDecodeError, VideoSource, make_reader
 from omnimae_pl.data.video_transforms import VideoEvalTransform, VideoTrainTransform, grey_clip
 from omnimae_pl.errors import DatasetError, check_value
 from omnimae_pl.masking import MaskingConfig
@@ -107,6 +107,11 @@ class VideoClipDataset(Dataset):
         """The file behind ``index``, for error reports."""
         return str(self.videos[index][0])
 
+    def encoded(self, index: int) -> VideoSource:
+        """The encoded video of item ``index``, as the readers take it: here the path of its file (the litdata
+        shards give its bytes instead); raises OSError when it cannot be had."""
+        return self.videos[index][0]
+
     @property
     def views_per_item(self) -> int:
         """Samples returned by one ``__getitem__``."""
@@ -119,7 +124,7 @@ class VideoClipDataset(Dataset):
         try:
             inputs = self._train_views(index, epoch) if self.train else self._eval_views(index)
             error = ""
-        except VideoDecodeError as err:
+        except (VideoDecodeError, OSError) as err:
             inputs, error = self._placeholders(), failure_reason(err)
         label = self.videos[index][1]
         samples = [self._sample(x, label, error, index, epoch, view) for view, x in enumerate(inputs)]
@@ -127,13 +132,12 @@ class VideoClipDataset(Dataset):
 
     def _train_views(self, index: int, epoch: int) -> list[torch.Tensor]:
         window = sample_generator(self.seed, epoch, index, "window")
-        clip = self.reader.read_clip(self.videos[index][0], self.num_frames, self.clip_duration, window)
+        clip = self.reader.read_clip(self.encoded(index), self.num_frames, self.clip_duration, window)
         crops = [sample_generator(self.seed, epoch, index, "crop", r) for r in range(self.replicas)]
         return [self.train_transform(clip, g) for g in crops]
 
     def _eval_views(self, index: int) -> list[torch.Tensor]:
-        path = self.videos[index][0]
-        clips = self.reader.read_uniform_clips(path, self.num_clips, self.num_frames, self.clip_duration)
+        clips = self.reader.read_uniform_clips(self.encoded(index), self.num_clips, self.num_frames, self.clip_duration)
         return [view for clip in clips for view in self.eval_transform(clip)]
 
     def _placeholders(self) -> list[torch.Tensor]:

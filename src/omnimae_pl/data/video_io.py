@@ -10,7 +10,8 @@ none, and a truncated file decodes fewer frames (without raising) while its head
 duration. A file that yields no frame raises :class:`VideoDecodeError`, which datasets turn into a placeholder.
 
 Readers return uint8 tensors laid out (K, T, H, W, 3): K windows, T frames, RGB last (the layout decoders
-produce, which torchvision's fast resize path wants).
+produce, which torchvision's fast resize path wants). They read a file's path or its encoded bytes (a record of
+litdata shards, see ``data.litdata_store``), with the same frames either way.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ VIDEO_BACKENDS: tuple[str, ...] = get_args(VideoBackend)
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_CLIP_DURATION = 2.7
 _EPS = 1e-4  # seconds; absorbs float noise in timestamps
+# A video as the readers take it: the path of its file, or the file's bytes.
+VideoSource = str | Path | bytes
 
 
 class VideoDecodeError(RuntimeError):
@@ -79,7 +82,7 @@ class VideoReader(ABC):
 
     @abstractmethod
     def read_windows(
-        self, path: str | Path, positions: Sequence[float], num_frames: int, clip_duration: float
+        self, path: VideoSource, positions: Sequence[float], num_frames: int, clip_duration: float
     ) -> torch.Tensor:
         """Clips for windows at ``positions`` (see :func:`window_starts`) from ONE decode: uint8 (K, T, H, W, 3).
 
@@ -88,7 +91,7 @@ class VideoReader(ABC):
 
     def read_clip(
         self,
-        path: str | Path,
+        path: VideoSource,
         num_frames: int = DEFAULT_NUM_FRAMES,
         clip_duration: float = DEFAULT_CLIP_DURATION,
         generator: torch.Generator | None = None,
@@ -99,7 +102,7 @@ class VideoReader(ABC):
 
     def read_uniform_clips(
         self,
-        path: str | Path,
+        path: VideoSource,
         num_clips: int,
         num_frames: int = DEFAULT_NUM_FRAMES,
         clip_duration: float = DEFAULT_CLIP_DURATION,
@@ -123,21 +126,21 @@ class PyAVReader(VideoReader):
         self.seek_threshold = seek_threshold
 
     def read_windows(
-        self, path: str | Path, positions: Sequence[float], num_frames: int, clip_duration: float
+        self, path: VideoSource, positions: Sequence[float], num_frames: int, clip_duration: float
     ) -> torch.Tensor:
-        path = str(path)
+        name = _describe(path)
         av.logging.set_level(None)
         av.logging.set_libav_level(av.logging.PANIC)
         try:
-            with av.open(path) as container:
-                stream = _video_stream(container, path)
+            with _open(path) as container:
+                stream = _video_stream(container, name)
                 duration = _header_duration(container, stream)
                 times = clip_times(duration, clip_duration, positions, num_frames) if duration else None
                 frames = self._pick(container, stream, times) if times else None
             if frames is None:  # no usable header duration: measure it from the frames, then pick
                 frames = self._pick_measured(path, positions, num_frames, clip_duration)
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
-            raise VideoDecodeError(f"cannot decode video {path}: {err}") from err
+            raise VideoDecodeError(f"cannot decode video {name}: {err}") from err
         stacked = np.stack([frame for clip in frames for frame in clip])
         return torch.from_numpy(stacked).view(len(frames), num_frames, *stacked.shape[1:])
 
@@ -157,16 +160,17 @@ class PyAVReader(VideoReader):
 
     @staticmethod
     def _pick_measured(
-        path: str, positions: Sequence[float], num_frames: int, clip_duration: float
+        path: VideoSource, positions: Sequence[float], num_frames: int, clip_duration: float
     ) -> list[list[np.ndarray]]:
         """Two passes: the frames' own timestamps give the duration, then the picks are decoded from the start."""
-        with av.open(path) as container:
-            times, step = _frame_times(container, _video_stream(container, path))
+        name = _describe(path)
+        with _open(path) as container:
+            times, step = _frame_times(container, _video_stream(container, name))
         if not times:
-            raise VideoDecodeError(f"no frames decoded from video {path}")
+            raise VideoDecodeError(f"no frames decoded from video {name}")
         clips = clip_times(times[-1] - times[0] + step, clip_duration, positions, num_frames)
-        with av.open(path) as container:
-            stream = _video_stream(container, path)
+        with _open(path) as container:
+            stream = _video_stream(container, name)
             return _pick_frames(container, stream, [[times[0] + t for t in clip] for clip in clips], seek=None).frames
 
 
@@ -262,6 +266,16 @@ class _RGBConverter:
         return rgb
 
 
+def _open(path: VideoSource) -> av.container.InputContainer:
+    """A container on the file, or on the bytes (a fresh buffer for every pass, so each one starts at 0)."""
+    return av.open(io.BytesIO(path)) if isinstance(path, bytes) else av.open(str(path))
+
+
+def _describe(path: VideoSource) -> str:
+    """The video in error messages: its path, or the size of its bytes (the dataset names the record)."""
+    return f"of {len(path)} bytes" if isinstance(path, bytes) else str(path)
+
+
 def _video_stream(container: av.container.InputContainer, path: str) -> av.VideoStream:
     if not container.streams.video:
         raise VideoDecodeError(f"no video stream in {path}")
@@ -312,13 +326,13 @@ class TorchCodecReader(VideoReader):
     then the frames on screen at the sample times are decoded, single-threaded. Same frames as PyAVReader."""
 
     def read_windows(
-        self, path: str | Path, positions: Sequence[float], num_frames: int, clip_duration: float
+        self, path: VideoSource, positions: Sequence[float], num_frames: int, clip_duration: float
     ) -> torch.Tensor:
         from torchcodec.decoders import VideoDecoder
 
-        path = str(path)
+        source, path = (path if isinstance(path, bytes) else str(path)), _describe(path)
         try:
-            decoder = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC")
+            decoder = VideoDecoder(source, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC")
             meta = decoder.metadata
             if not meta.num_frames:
                 raise VideoDecodeError(f"no frames decoded from video {path}")
