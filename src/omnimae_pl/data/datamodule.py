@@ -49,6 +49,7 @@ from omnimae_pl.data.eval_shard import EvalShard
 from omnimae_pl.data.imagenet import ImageNet
 from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, Source
 from omnimae_pl.data.label_fraction import check_fraction, stratified_indices
+from omnimae_pl.data.litdata_store import ImageShards, VideoShards, is_url
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.seeding import loader_generator
 from omnimae_pl.data.sources import KEY, ImageMasking, SourceConfig, VideoMasking, check_sources
@@ -139,8 +140,9 @@ class _SourcesDataModule(LightningDataModule):
         if (cfg.name, split) in self._datasets:
             return self._datasets[cfg.name, split]
         where = self._source_key(cfg)
-        check_value(Path(cfg.root).is_dir(), f"{where}.root", cfg.root, f"must be an existing folder ({cfg.kind})")
-        if cfg.annotations is not None:
+        if not (cfg.kind == "litdata" and is_url(cfg.root)):  # an object store is read when the dataset is built
+            check_value(Path(cfg.root).is_dir(), f"{where}.root", cfg.root, f"must be an existing folder ({cfg.kind})")
+        if cfg.annotations is not None and cfg.kind != "litdata":
             check_value(Path(cfg.annotations).is_dir(), f"{where}.annotations", cfg.annotations,
                         "must be an existing folder (of the something-something-v2-*.json files)")
         try:
@@ -167,11 +169,14 @@ class _SourcesDataModule(LightningDataModule):
         eval_views: tuple[int, int, int | None],
     ) -> Dataset:
         if cfg.modality == "image":
-            return ImageNet(
-                cfg.root, split, train=train, img_size=self.img_size, scale=self.image_scale, crop_ratio=crop_ratio,
-                transform=transform if train else None, masking=masking, patch_size=self.patch_size,
-                seed=self.seed, val_labels=cfg.val_labels, synsets=cfg.synsets,
-            )
+            image: dict[str, Any] = {
+                "train": train, "img_size": self.img_size, "scale": self.image_scale, "crop_ratio": crop_ratio,
+                "transform": transform if train else None, "masking": masking, "patch_size": self.patch_size,
+                "seed": self.seed,
+            }
+            if cfg.kind == "litdata":
+                return ImageShards(cfg.root, split, cache_dir=cfg.cache_dir, **image)
+            return ImageNet(cfg.root, split, val_labels=cfg.val_labels, synsets=cfg.synsets, **image)
         clips, crops, eval_short = eval_views
         options: dict[str, Any] = {
             "num_frames": self.num_frames, "clip_duration": self.clip_duration, "crop_size": self.img_size,
@@ -182,6 +187,8 @@ class _SourcesDataModule(LightningDataModule):
         }
         if cfg.kind == "ssv2":
             dataset = SSv2(cfg.annotations, cfg.root, split, **options)
+        elif cfg.kind == "litdata":
+            dataset = VideoShards(cfg.root, split, cache_dir=cfg.cache_dir, **options)
         else:
             dataset = VideoFolder(Path(cfg.root) / split, **options)
         if train and transform is not None:

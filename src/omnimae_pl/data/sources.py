@@ -4,12 +4,15 @@ checks that run when the config is read."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from omnimae_pl.data.video_datasets import SSV2_SPLITS
 from omnimae_pl.errors import check_value
 from omnimae_pl.masking import MaskingConfig
 
-KINDS = {"imagenet": "image", "ssv2": "video", "video_folder": "video"}
+# kind -> modality; litdata shards hold either, named by the source's `modality`
+KINDS = {"imagenet": "image", "ssv2": "video", "video_folder": "video", "litdata": None}
+MODALITIES = ("image", "video")
 KEY = "data.init_args"  # where the CLI's config holds the datamodule's arguments, for error messages
 
 
@@ -30,13 +33,19 @@ class SourceConfig:
     """One dataset on disk.
 
     kind: "imagenet" (``<root>/<split>/<class>/*.JPEG``, or a flat val folder with ``val_labels``),
-        "video_folder" (``<root>/<split>/<class>/*.{mp4,webm,avi,mkv}``) or "ssv2" (``root`` holds
-        ``<id>.webm``; ``annotations`` the ``something-something-v2-*.json`` files; splits train/validation/test).
+        "video_folder" (``<root>/<split>/<class>/*.{mp4,webm,avi,mkv}``), "ssv2" (``root`` holds
+        ``<id>.webm``; ``annotations`` the ``something-something-v2-*.json`` files; splits train/validation/test)
+        or "litdata" (``<root>/<split>/``: shards written by ``omnimae-cli shards``; ``root`` a folder or a URL
+        such as ``s3://bucket/prefix``; see ``data.litdata_store``).
     name: tag of the batches (``batch["source"]``) and of logged counts; default: ``kind``.
     split / val_split / test_split: the split of each stage; None: this source has no such stage.
     weight: share of the pretraining steps (given for every source or none; see ``data.interleave``).
     num_workers: loader workers for this source; default: the datamodule's.
     val_labels, synsets: imagenet with a flat val folder (see ``data.imagenet``).
+    modality: "image" or "video": what litdata shards hold (checked against them); other kinds know theirs.
+    cache_dir: litdata: where litdata keeps what it fetches from an object store (default ``$LITDATA_CACHE_DIR``,
+        else ``~/.lightning/chunks``). A litdata source ignores annotations, val_labels and synsets (its shards
+        hold the labels), which a config layered over a folder source's config may leave in place.
     """
 
     kind: str
@@ -50,19 +59,25 @@ class SourceConfig:
     num_workers: int | None = None
     val_labels: str | None = None
     synsets: str | None = None
+    modality: Literal["image", "video"] | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.name is None:
             self.name = self.kind
-
-    @property
-    def modality(self) -> str:
-        return KINDS[self.kind]
+        if self.modality is None:
+            self.modality = KINDS.get(self.kind)
 
     def check(self, key: str) -> None:
         """Refuse values this source cannot have, naming ``<key>.<field>`` (``key``: its place in the config).
         The datamodules check their sources when they are made; the folders are looked at when a dataset is built."""
         check_value(self.kind in KINDS, f"{key}.kind", self.kind, f"must be one of {sorted(KINDS)}")
+        if self.kind == "litdata":
+            check_value(self.modality in MODALITIES, f"{key}.modality", self.modality,
+                        f"must be one of {MODALITIES}: what the shards hold (kind litdata)")
+        else:
+            check_value(self.modality == KINDS[self.kind], f"{key}.modality", self.modality,
+                        f"must be {KINDS[self.kind]!r} (or null) for kind {self.kind}")
         if self.kind == "ssv2":
             check_value(bool(self.annotations), f"{key}.annotations", self.annotations,
                         "must be the folder of the something-something-v2-*.json files")
