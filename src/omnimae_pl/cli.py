@@ -30,6 +30,7 @@ TOOLS = {
     "reconstruct": ("omnimae_pl.reconstruct", "write reconstruction pictures of images and videos from a checkpoint"),
     "export": ("omnimae_pl.export", "export weights for timm's VisionTransformer, or as a model-hub folder"),
     "data-check": ("omnimae_pl.data.check", "read every file a training config would use and report the unreadable ones"),
+    "shards": ("omnimae_pl.data.shards", "write a folder source as litdata shards of its encoded files (kind: litdata)"),
     "demo-data": ("omnimae_pl.data.demo", "build the demo corpus (ImageNet and SSv2 layouts) from installed packages"),
     "bench": ("omnimae_pl.bench", "time the training step: samples/s, MFU, memory, eager vs compiled"),
     "loader-bench": ("omnimae_pl.data.loader_bench", "time the data loaders on one core"),
