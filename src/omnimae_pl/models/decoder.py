@@ -2,6 +2,8 @@
 
 Unlike MAE, the mask token and the decoder's positional table live in the *encoder* width and are added
 before ``decoder_embed``; decoder attention has no qkv bias; the pixel head predicts every token.
+``attn_head_pad_to`` computes the attention at a larger head size (the same math and parameters:
+:mod:`~omnimae_pl.models.padded_attention`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from omnimae_pl.models.encoder import LayerNorm, init_weights, run_blocks
+from omnimae_pl.models.padded_attention import pad_attention_heads
 from omnimae_pl.models.pos_embed import select_pos_embed, sinusoid_table
 from omnimae_pl.models.tokens import scatter_tokens
 
@@ -28,6 +31,7 @@ class MAEDecoder(nn.Module):
         depth: int = 4,
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
+        attn_head_pad_to: int | None = None,
     ) -> None:
         super().__init__()
         self.grid = tuple(grid)
@@ -37,6 +41,7 @@ class MAEDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=False, norm_layer=LayerNorm) for _ in range(depth)
         )
+        pad_attention_heads(self.blocks, attn_head_pad_to)  # reuses the blocks' parameters: no change to the init
         self.norm = LayerNorm(embed_dim)
         self.pred = nn.Linear(embed_dim, math.prod(patch_size) * in_chans)
         self.grad_checkpointing = False

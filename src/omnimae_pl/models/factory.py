@@ -21,6 +21,8 @@ class ModelSize:
     decoder_num_heads: int
     patch_size: tuple[int, int, int] = (2, 16, 16)
     mlp_ratio: float = 4.0
+    # Not architecture: decoder attention computed at this head size (same math; models/padded_attention.py).
+    decoder_attn_head_pad_to: int | None = None
 
 
 SIZES: dict[str, ModelSize] = {
@@ -77,6 +79,10 @@ def omnimae_pretrain(
 ) -> OmniMAE:
     """The pretraining model; the positional tables are built for ``num_frames`` x ``img_size``."""
     spec = model_size(size, **overrides)
+    pad = spec.decoder_attn_head_pad_to
+    head_dim = spec.decoder_embed_dim // spec.decoder_num_heads
+    check_value(pad is None or (isinstance(pad, int) and pad >= head_dim), "model_overrides.decoder_attn_head_pad_to",
+                pad, f"must be an integer >= the decoder's head size {head_dim}, or null")
     encoder = build_encoder(spec, img_size, num_frames, 0.0, final_norm=True)
     decoder = MAEDecoder(
         encoder_dim=spec.embed_dim,
@@ -86,6 +92,7 @@ def omnimae_pretrain(
         depth=spec.decoder_depth,
         num_heads=spec.decoder_num_heads,
         mlp_ratio=spec.mlp_ratio,
+        attn_head_pad_to=pad,
     )
     return OmniMAE(encoder, decoder)
 
