@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import omnimae_pl.bench
 from omnimae_pl.data.demo import build_demo_data
@@ -28,3 +29,34 @@ def test_loader_masks_follow_the_mask_ratio_options(tiny, demo_root):
                                     "--data-root", str(demo_root)])
     assert result["info"]["n_visible"]["image"] == 2  # 4 tokens at 32 px, half of them hidden
     assert result["rows"][-1]["modality"] == "image"
+
+
+def test_batches_go_through_the_datamodules_after_transfer_hook(tiny, demo_root, monkeypatch):
+    """As under Lightning: the device copy, then ``on_after_batch_transfer`` (device-side augmentation)."""
+    from omnimae_pl.data.datamodule import PretrainDataModule
+
+    seen = []
+
+    def hook(self, batch, dataloader_idx):
+        seen.append((batch["input"].device.type, dataloader_idx))
+        return batch
+
+    monkeypatch.setattr(PretrainDataModule, "on_after_batch_transfer", hook)
+    omnimae_pl.bench.main([*tiny, "--modality", "image", "--end-to-end", "--data-root", str(demo_root)])
+    assert seen == [("cpu", 0)] * 4  # warm-up + 2, then one timed step
+
+
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_augment_on_is_passed_only_where_the_datamodule_has_it(tiny, demo_root, modality):
+    import inspect
+
+    from omnimae_pl.data.datamodule import PretrainDataModule
+
+    args = [*tiny, "--modality", modality, "--end-to-end", "--data-root", str(demo_root), "--augment-on", "device"]
+    if "augment_on" in inspect.signature(PretrainDataModule).parameters:
+        (e2e,) = [r for r in omnimae_pl.bench.main(args)["rows"] if r["impl"] == "ours-e2e"]
+        assert e2e["data"].endswith("augment_on device") and e2e["samples"][modality] == 2
+        assert torch.isfinite(torch.tensor(e2e["loss"]))
+    else:
+        with pytest.raises(ValueError, match="--augment-on device: this PretrainDataModule has no augment_on"):
+            omnimae_pl.bench.main(args)

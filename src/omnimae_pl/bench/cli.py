@@ -16,7 +16,7 @@ from omnimae_pl.bench.official import bench_official
 from omnimae_pl.bench.ours import bench_ours
 from omnimae_pl.bench.profile import profile_steps, report_backends
 from omnimae_pl.bench.rows import format_row, log, speedups
-from omnimae_pl.bench.step import per_sample_counts, reset_mem
+from omnimae_pl.bench.step import COMPILE_MODES, compile_settings, per_sample_counts, reset_mem
 from omnimae_pl.masking import PAPER_MASK_RATIO
 from omnimae_pl.models import model_size
 
@@ -25,7 +25,7 @@ DESCRIPTION = "Training-step benchmark: samples/s, MFU, peak memory, eager vs to
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM (and H200: same tensor cores), dense bf16
 GPU_IMAGE_BATCH = {"base": 256, "large": 256, "huge": 256}
 GPU_VIDEO_BATCH = 32  # 8 clips x 4 replicas per GPU, as in the released recipe
-DERIVED = ("batches", "modalities", "mask_ratios", "spec")  # set from the options, not options themselves
+DERIVED = ("batches", "modalities", "mask_ratios", "spec", "compile_mode_used", "compile_note")  # set from the options, not options themselves
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_options(p) -> None:
     p.add_argument("--size", default="base", help="tiny, small, base, large or huge")
     p.add_argument("--model-overrides", default="", help="e.g. depth=2,embed_dim=64 (ModelSize fields)")
+    p.add_argument("--decoder-head-pad", type=int, default=None, metavar="N",
+                   help="decoder attention computed at head size N (zero-padded, same math), e.g. 32 or 64")
     p.add_argument("--modality", choices=("image", "video", "both"), default="both")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-frames", type=int, default=16)
@@ -58,7 +60,10 @@ def _timing_options(p) -> None:
     p.add_argument("--compile", action="store_true", help="time torch.compile (after eager unless --no-eager)")
     p.add_argument("--no-eager", action="store_true", help="with --compile: skip the eager run")
     p.add_argument("--compile-scope", choices=("step", "blocks"), default="blocks")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode; reduce-overhead (CUDA graphs) compiles without them off CUDA")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend; aot_eager traces the same graphs without code generation (CPU smoke)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU (default: by device name)")
     p.add_argument("--grad-ckpt", choices=("none", "video", "both"), default="none",
@@ -75,6 +80,8 @@ def _extra_options(p) -> None:
                    help="project: demo corpus through PretrainDataModule + ModalityInterleaver; synthetic: a "
                         "DataLoader of ready tensors")
     p.add_argument("--data-root", default=None, help="where the demo corpus is built / reused")
+    p.add_argument("--augment-on", default=None,
+                   help="PretrainDataModule's augment_on for --end-to-end (where it has one); default: its own")
     p.add_argument("--official", default=None, metavar="PATH",
                    help="folder with the official omnivore snapshot (omnimae/, omnivision/) for a side by side")
     p.add_argument("--official-precision", default=None, help="comma list of fp16,bf16,fp32 (CUDA: fp16,bf16)")
@@ -108,7 +115,11 @@ def resolve(args, device: torch.device) -> None:
     args.batches = {"image": _ints(args.image_batch or args.batch_size or image_default),
                     "video": _ints(args.video_batch or args.batch_size or video_default)}
     args.mask_ratios = {"image": args.image_mask_ratio, "video": args.video_mask_ratio}
-    args.spec = model_size(args.size, **_overrides(args.model_overrides))
+    overrides = _overrides(args.model_overrides)
+    if args.decoder_head_pad is not None:
+        overrides["decoder_attn_head_pad_to"] = args.decoder_head_pad
+    args.spec = model_size(args.size, **overrides)
+    args.compile_mode_used, args.compile_note = compile_settings(args.compile_mode, args.compile_backend, device)
 
 
 def peak_tflops_for(device: torch.device, precision: str, override: float | None) -> float | None:
@@ -149,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"omnimae-pl bench: size={args.size} modality={args.modality} precision={precision} "
         f"peak={peak} TFLOP/s batches={args.batches} steps={args.steps}x{args.repeats} warmup={args.warmup}")
     log("env: " + json.dumps(env))
+    if args.compile and args.compile_note:
+        log(f"  note: {args.compile_note}")
     backends = report_backends(args, device)
     flops, n_visible = per_sample_counts(args.spec, args)
     # the official run first: it is short, and a long compile of ours cannot starve it of time

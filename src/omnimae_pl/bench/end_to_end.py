@@ -5,6 +5,7 @@ of ready tensors in the same sample contract (``omnimae_pl.data.sample``)."""
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import tempfile
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from omnimae_pl.bench.ours import compile_label
 from omnimae_pl.bench.rows import format_row, log, row
 from omnimae_pl.bench.step import default_ckpt, peak_mem, reset_mem, sample_shape, sync, train_step_fn
 from omnimae_pl.data.datamodule import PretrainDataModule, SourceConfig
@@ -28,17 +30,17 @@ def bench_end_to_end(args, device, precision, peak, ours, flops) -> list[dict]:
     """One row: ``--steps x --repeats`` steps after ``--warmup + 2``, of the modalities the loaders yield."""
     batches = {m: args.batches[m][0] for m in ("image", "video")}
     make_stream = _project_stream if args.e2e_data == "project" else _synthetic_stream
-    stream, how = make_stream(args, batches, device)
+    stream, how, after_transfer = make_stream(args, batches, device)
     log(f"  end-to-end data: {how}")
     step = train_step_fn(ours.loss_fn.fastest, ours.opt, device, precision)
-    on_device = (_to_device(batch, device) for batch in stream)
+    on_device = (_to_device(batch, device, after_transfer) for batch in stream)
     _warm_up(step, on_device, ours.loss_fn.n_visible, args)
     sync(device)
     reset_mem(device)
     n = args.steps * args.repeats
     sec, counts, flops_total, loss_sum = _timed(step, on_device, n, flops, args, device)
     samples = sum(counts.values())
-    compiled = args.compile_scope if ours.loss_fn.compiled else False
+    compiled = compile_label(args) if ours.loss_fn.compiled else False
     r = row("ours-e2e", "+".join(m for m, c in counts.items() if c), batches, precision, compiled,
             args.grad_ckpt != "none", sec / n, flops_total / samples, peak, peak_mem(device), float(loss_sum) / n,
             None, samples_per_step=samples / n)
@@ -47,10 +49,12 @@ def bench_end_to_end(args, device, precision, peak, ours, flops) -> list[dict]:
     return [r]
 
 
-def _to_device(batch: dict, device) -> tuple[str, torch.Tensor, torch.Tensor, int]:
-    x = batch["input"].to(device, non_blocking=True)
-    mask = batch["mask"].to(device, non_blocking=True)
-    return batch["modality"], x, mask, batch["num_visible"]
+def _to_device(batch: dict, device, after_transfer) -> tuple[str, torch.Tensor, torch.Tensor, int]:
+    """Every tensor of the batch to the device, then what Lightning runs next (the datamodule's
+    ``on_after_batch_transfer``: device-side augmentation where the datamodule has it)."""
+    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = after_transfer(batch)
+    return batch["modality"], batch["input"], batch["mask"], batch["num_visible"]
 
 
 def _warm_up(step, stream, n_visible: dict[str, int], args) -> None:
@@ -92,6 +96,7 @@ def _project_stream(args, batches, device):
         video_masking=MaskingConfig("random", args.video_mask_ratio),
         img_size=args.img_size, num_frames=args.num_frames, patch_size=tuple(args.spec.patch_size),
         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0, seed=args.seed,
+        **_augment_on(args.augment_on),
     )
     dm.setup("fit")
     interleaver = dm.train_dataloader()
@@ -103,8 +108,19 @@ def _project_stream(args, batches, device):
             interleaver.set_epoch(epoch)
             yield from interleaver
 
-    return epochs(), (f"project pipeline: demo corpus at {root}, PretrainDataModule + ModalityInterleaver "
-                      f"(steps per epoch {interleaver.steps_per_source}), {workers} workers per source")
+    augment = f", augment_on {args.augment_on}" if args.augment_on else ""
+    how = (f"project pipeline: demo corpus at {root}, PretrainDataModule + ModalityInterleaver (steps per epoch "
+           f"{interleaver.steps_per_source}), {workers} workers per source{augment}")
+    return epochs(), how, functools.partial(dm.on_after_batch_transfer, dataloader_idx=0)
+
+
+def _augment_on(value: str | None) -> dict:
+    """``augment_on`` for the datamodule when asked for; refused in one line where the datamodule has none."""
+    if value is None:
+        return {}
+    if "augment_on" not in inspect.signature(PretrainDataModule).parameters:
+        raise ValueError(f"--augment-on {value}: this PretrainDataModule has no augment_on option")
+    return {"augment_on": value}
 
 
 def _demo_sources(paths, modalities) -> list[SourceConfig]:
@@ -147,7 +163,7 @@ def _synthetic_stream(args, batches, device):
             collate_fn=functools.partial(collate_samples, modality=m, source=m), persistent_workers=workers > 0,
             drop_last=True, prefetch_factor=4 if workers > 0 else None))
     how = f"synthetic dataset, DataLoader x{workers} workers/modality, pinned, interleaved"
-    return _released_mix(loaders, args.seed), how
+    return _released_mix(loaders, args.seed), how, lambda batch: batch
 
 
 def _released_mix(loaders: dict, seed: int):

@@ -41,7 +41,7 @@ def bench_ours(args, device, precision, peak, flops, n_visible) -> tuple[list[di
         _time_all(rows, ours, ours.loss_fn.eager, False, args, device, precision, peak, flops)
     extra = _compiled(rows, ours, args, device, precision, peak, flops) if args.compile else {}
     info = {"flops_per_sample": flops, "n_visible": n_visible, "sdpa": {"/".join(k): v for k, v in sdpa.items()},
-            **extra}
+            "decoder_attn_head_pad_to": args.spec.decoder_attn_head_pad_to, **extra}
     return rows, info, ours
 
 
@@ -70,8 +70,8 @@ def _compiled(rows, ours, args, device, precision, peak, flops) -> dict:
     so that the eager rows and the official comparison survive it."""
     t0 = time.perf_counter()
     try:
-        fn = ours.loss_fn.compile(args.compile_scope, args.compile_mode)
-        _time_all(rows, ours, fn, args.compile_scope, args, device, precision, peak, flops)
+        fn = ours.loss_fn.compile(args.compile_scope, args.compile_mode_used, args.compile_backend)
+        _time_all(rows, ours, fn, compile_label(args), args, device, precision, peak, flops)
         alternating = _graphs_when_alternating(ours, fn, args, device, precision)
     except RuntimeError as exc:  # what torch.compile and CUDA raise (BackendCompilerFailed, AcceleratorError)
         ours.loss_fn.compiled = None
@@ -79,9 +79,15 @@ def _compiled(rows, ours, args, device, precision, peak, flops) -> dict:
         log(f"  compile failed: {extra['compile_error']}")
         return extra
     extra = {"compile_total_s": time.perf_counter() - t0, "recompiles_alternating": alternating,
-             "compiled_graphs": unique_graphs()}
+             "compiled_graphs": unique_graphs(), "compile_mode": args.compile_mode_used or "default",
+             "compile_backend": args.compile_backend, **({"compile_note": args.compile_note} if args.compile_note else {})}
     log(f"  compile: {extra}")
     return extra
+
+
+def compile_label(args) -> str:
+    """A compiled row's ``compiled`` field: the scope, and the mode when it is not the default."""
+    return args.compile_scope + (f"+{args.compile_mode_used}" if args.compile_mode_used else "")
 
 
 def _graphs_when_alternating(ours, fn, args, device, precision) -> int:

@@ -88,18 +88,43 @@ class OursLoss:
     def fastest(self):
         return self.compiled or self.eager
 
-    def compile(self, scope: str, mode: str | None):
+    def compile(self, scope: str, mode: str | None, backend: str = "inductor"):
         """``step``: the whole forward + loss as one graph; ``blocks``: every transformer block (one graph per
-        block shape) and the loss, far shorter compile times for deep models. Two static shapes (dynamic=False)."""
-        kwargs = {"dynamic": False, **({"mode": mode} if mode else {})}
+        block shape) and the loss, far shorter compile times for deep models. Two static shapes (dynamic=False).
+        With CUDA graphs (``reduce-overhead``) every call starts a new cudagraph step first."""
+        kwargs = {"dynamic": False, "backend": backend, **({"mode": mode} if mode else {})}
         if scope == "step":
-            self.compiled = torch.compile(self.eager, **kwargs)
+            compiled = torch.compile(self.eager, **kwargs)
         else:
             for blk in [*self.model.encoder.blocks, *self.model.decoder.blocks]:
                 blk.compile(**kwargs)
             self.model.forward_loss = torch.compile(self.model.forward_loss, **kwargs)
-            self.compiled = self.eager
+            compiled = self.eager
+        if mode == "reduce-overhead":
+            def compiled_step(x, mask, ckpt):
+                # the previous step's graph outputs may be overwritten from here on: each call is one step
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(x, mask, ckpt)
+
+            self.compiled = compiled_step
+        else:
+            self.compiled = compiled
         return self.compiled
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def compile_settings(mode: str, backend: str, device: torch.device) -> tuple[str | None, str | None]:
+    """(mode for torch.compile, None for its default; a note when the asked mode cannot apply). CUDA graphs
+    exist only on CUDA, and modes are Inductor's: elsewhere the compile runs without them, and says so."""
+    if mode == "default":
+        return None, None
+    if backend != "inductor":
+        return None, f"--compile-mode {mode} is Inductor's; backend {backend} compiles without it"
+    if mode == "reduce-overhead" and device.type != "cuda":
+        return None, f"--compile-mode {mode}: CUDA graphs need a CUDA device; compiled without them on {device.type}"
+    return mode, None
 
 
 def train_step_fn(loss_fn, opt, device, precision: str, scaler=None):
@@ -205,13 +230,15 @@ def measure(impl, step, opt, batches, ckpt, args, device, *, precision, compiled
 
 
 def attention_shapes(spec, args, batches: dict[str, int]) -> dict[tuple[str, str], tuple[int, int, int, int]]:
-    """(encoder|decoder, modality) -> (batch, heads, tokens, head_dim) of every attention call in a step."""
+    """(encoder|decoder, modality) -> (batch, heads, tokens, head_dim) of every attention call in a step (the
+    decoder's padded head size under ``decoder_attn_head_pad_to``)."""
     dims = flop_dims(spec)
+    decoder_head = max(spec.decoder_embed_dim // spec.decoder_num_heads, spec.decoder_attn_head_pad_to or 0)
     out = {}
     for m, b in batches.items():
         n_all, n_vis = token_counts(dims, m, args.img_size, args.num_frames, args.mask_ratios[m])
         out[("encoder", m)] = (b, spec.num_heads, n_vis, spec.embed_dim // spec.num_heads)
-        out[("decoder", m)] = (b, spec.decoder_num_heads, n_all, spec.decoder_embed_dim // spec.decoder_num_heads)
+        out[("decoder", m)] = (b, spec.decoder_num_heads, n_all, decoder_head)
     return out
 
 
