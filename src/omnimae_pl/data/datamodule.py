@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from omnimae_pl.data.bad_samples import BadSampleTracker
+from omnimae_pl.data.device_augment import is_uint8_batch, to_float_batch
 from omnimae_pl.data.eval_shard import EvalShard
 from omnimae_pl.data.imagenet import ImageNet
 from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, Source
@@ -133,9 +134,11 @@ class _SourcesDataModule(LightningDataModule):
         transform: Callable | None = None,
         eval_views: tuple[int, int, int | None] = (1, 1, None),
         fraction: float | None = None,
+        augment_on: str = "worker",
     ) -> Dataset:
         """The dataset of one source and split, built once. ``eval_views``: video (clips, crops, short side);
-        ``fraction``: keep a class-balanced share of the items (``label_fraction``). A folder or file that is
+        ``fraction``: keep a class-balanced share of the items (``label_fraction``); ``augment_on``: where the
+        training crops are resized and normalised (``device_augment``). A folder or file that is
         missing, empty or inconsistent raises a UserError that names the source's key."""
         if (cfg.name, split) in self._datasets:
             return self._datasets[cfg.name, split]
@@ -146,7 +149,9 @@ class _SourcesDataModule(LightningDataModule):
             check_value(Path(cfg.annotations).is_dir(), f"{where}.annotations", cfg.annotations,
                         "must be an existing folder (of the something-something-v2-*.json files)")
         try:
-            dataset = self._build_dataset(cfg, split, train, masking, replicas, crop_ratio, transform, eval_views)
+            dataset = self._build_dataset(
+                cfg, split, train, masking, replicas, crop_ratio, transform, eval_views, augment_on
+            )
         except UserError as err:
             raise type(err)(f"{where} ({cfg.kind} {cfg.name!r}, split {split!r}): {err}") from err
         if fraction is not None:
@@ -167,12 +172,13 @@ class _SourcesDataModule(LightningDataModule):
         crop_ratio: float,
         transform: Callable | None,
         eval_views: tuple[int, int, int | None],
+        augment_on: str,
     ) -> Dataset:
         if cfg.modality == "image":
             image: dict[str, Any] = {
                 "train": train, "img_size": self.img_size, "scale": self.image_scale, "crop_ratio": crop_ratio,
                 "transform": transform if train else None, "masking": masking, "patch_size": self.patch_size,
-                "seed": self.seed,
+                "seed": self.seed, "augment_on": augment_on,
             }
             if cfg.kind == "litdata":
                 return ImageShards(cfg.root, split, cache_dir=cfg.cache_dir, **image)
@@ -183,7 +189,7 @@ class _SourcesDataModule(LightningDataModule):
             "short_side": self.short_side if train or eval_short is None else eval_short,
             "masking": masking, "patch_size": self.patch_size, "replicas": replicas, "seed": self.seed,
             "train": train, "num_clips": 1 if train else clips, "num_crops": 1 if train else crops,
-            "backend": self.video_backend,
+            "backend": self.video_backend, "augment_on": augment_on,
         }
         if cfg.kind == "ssv2":
             dataset = SSv2(cfg.annotations, cfg.root, split, **options)
@@ -274,6 +280,11 @@ class PretrainDataModule(_SourcesDataModule):
         seed: base of every random draw (shuffles, crops, masks).
         max_invalid_fraction: abort when a source's share of unreadable files exceeds this.
         video_backend: "pyav", "torchcodec" or "auto".
+        augment_on: where the training batches are cropped, resized, flipped and normalised: "worker" (the
+            loader workers ship float32) or "device" (the workers decode and ship uint8, images already cropped
+            and resized, each video clip once with its replicas' boxes; ``on_after_batch_transfer`` finishes
+            them on the device, see ``data.device_augment``). The same draws either way; validation and test
+            batches are always made by the workers.
 
     Validation masks and crops are the same every epoch. ``val_dataloader`` returns one loader per validated
     source (Lightning passes ``dataloader_idx``; every batch carries ``modality`` and ``source``).
@@ -303,6 +314,7 @@ class PretrainDataModule(_SourcesDataModule):
         seed: int = 0,
         max_invalid_fraction: float = 0.1,
         video_backend: VideoBackend = "pyav",
+        augment_on: Literal["worker", "device"] = "worker",
     ) -> None:
         super().__init__(
             img_size=img_size, num_frames=num_frames, clip_duration=clip_duration, short_side=short_side,
@@ -311,6 +323,8 @@ class PretrainDataModule(_SourcesDataModule):
             max_invalid_fraction=max_invalid_fraction, video_backend=video_backend,
         )
         check_sources(sources)
+        check_value(augment_on in ("worker", "device"), f"{KEY}.augment_on", augment_on,
+                    "must be 'worker' or 'device' (where the training crops are resized and normalised)")
         check_value(image_batch_size >= 1, f"{KEY}.image_batch_size", image_batch_size, "must be an integer >= 1")
         check_value(video_batch_size >= 1, f"{KEY}.video_batch_size", video_batch_size, "must be an integer >= 1")
         check_value(replicas >= 1, f"{KEY}.replicas", replicas,
@@ -328,6 +342,7 @@ class PretrainDataModule(_SourcesDataModule):
         self.masking = {"image": image_masking, "video": video_masking}
         self.val_batch_size = val_batch_size
         self.val_samples = val_samples
+        self.augment_on = augment_on
 
     def _source_key(self, cfg: SourceConfig) -> str:
         return f"{KEY}.sources[{[c.name for c in self.sources].index(cfg.name)}]"
@@ -385,7 +400,11 @@ class PretrainDataModule(_SourcesDataModule):
 
     def _train_dataset(self, cfg: SourceConfig) -> Dataset:
         replicas = self.replicas if cfg.modality == "video" else 1
-        return self._dataset(cfg, cfg.split, True, self.masking[cfg.modality], replicas)
+        return self._dataset(cfg, cfg.split, True, self.masking[cfg.modality], replicas, augment_on=self.augment_on)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A uint8 training batch (``augment_on="device"``) -> the float batch of ``data.sample``, on its device."""
+        return to_float_batch(batch, self.img_size) if is_uint8_batch(batch) else batch
 
     def _train_sources(self) -> list[Source]:
         out = []

@@ -119,6 +119,12 @@ class RandomResizedCropFlip:
         _check_interpolation(self.interpolation)
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        out, flip = self.crop_uint8(image, generator)
+        return normalise(F.horizontal_flip(out) if flip else out)
+
+    def crop_uint8(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
+        """The worker's share of the transform: the resized crop as uint8 (3, size, size) and whether to flip
+        it (the same draws as ``__call__``); flip and normalise are left to ``device_augment``."""
         width, height = image.size
         box = random_resized_crop_box(height, width, self.scale, self.ratio, generator)
         flip = bool(torch.rand((), generator=generator) < self.hflip_prob)
@@ -127,9 +133,7 @@ class RandomResizedCropFlip:
             decode_rgb(image), top, left, h, w, [self.size, self.size],
             interpolation=INTERPOLATIONS[self.interpolation], antialias=True,
         )
-        if flip:
-            out = F.horizontal_flip(out)
-        return normalise(out)
+        return out, flip
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from omnimae_pl.constants import IMAGENET_MEAN
 from omnimae_pl.data.image_transforms import ImageTransform, RandomResizedCropFlip, ResizeCenterCrop
 from omnimae_pl.data.sample import failure_reason, make_sample
 from omnimae_pl.data.seeding import sample_generator, split_key
@@ -45,6 +46,8 @@ class ImageNet(Dataset):
     ``train`` picks the transform: RandomResizedCrop + flip (``scale``, ``hflip_prob``) when True, resize +
     centre crop (``crop_ratio``) when False; default: ``split == "train"``. ``transform`` replaces both (any
     callable ``(PIL image, generator) -> (3, img_size, img_size) tensor``), the hook for fine-tuning augmentation.
+    ``augment_on="device"`` (training with the default transform only): samples hold the uint8 crop and its
+    ``flip``; ``device_augment`` flips and normalises them on the device (see ``sample.py``).
     """
 
     modality = "image"
@@ -65,10 +68,16 @@ class ImageNet(Dataset):
         seed: int = 0,
         val_labels: str | os.PathLike | None = None,
         synsets: str | os.PathLike | None = None,
+        augment_on: str = "worker",
     ) -> None:
         self._load_items(root, split, val_labels, synsets)
         if train is None:
             train = split == "train"
+        if augment_on not in ("worker", "device"):
+            raise ValueError(f"augment_on must be 'worker' or 'device', got {augment_on!r}")
+        if augment_on == "device" and not (train and transform is None):
+            raise ValueError("augment_on='device' needs the default training transform (RandomResizedCropFlip)")
+        self.augment_on = augment_on
         if transform is None:
             transform = (
                 RandomResizedCropFlip(img_size, scale=scale, hflip_prob=hflip_prob, interpolation=interpolation)
@@ -137,16 +146,26 @@ class ImageNet(Dataset):
         index, epoch = split_key(key, self.epoch)
         label = int(self.labels[index])
         error = ""
+        device = self.augment_on == "device"
+        extra = {}
         try:
             with Image.open(self.encoded(index)) as image:
-                pixels = self.transform(image, sample_generator(self.seed, epoch, index, "crop"))
+                generator = sample_generator(self.seed, epoch, index, "crop")
+                if device:
+                    pixels, flip = self.transform.crop_uint8(image, generator)
+                    extra["flip"] = torch.tensor(flip)
+                else:
+                    pixels = self.transform(image, generator)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
             # OSError: missing, empty, truncated and non-image files; PIL's plugins raise the others on
             # corrupt headers and chunks.
-            pixels = torch.zeros(3, self.img_size, self.img_size)  # the mean image once normalised
+            pixels = _mean_image(self.img_size, device)
+            extra = {"flip": torch.tensor(False)} if device else {}
             error = failure_reason(err)
         mask_generator = sample_generator(self.seed, epoch, index, "mask") if self.masking is not None else None
-        return make_sample(pixels, label, not error, index, self.masking, self.patch_size, mask_generator, error)
+        return make_sample(
+            pixels, label, not error, index, self.masking, self.patch_size, mask_generator, error, **extra
+        )
 
     def _list_samples(
         self, split_dir: Path, val_labels: str | os.PathLike | None, synset_order: list[str] | None
@@ -192,6 +211,14 @@ class ImageNet(Dataset):
         if wnid not in self.class_to_idx:
             raise DatasetError(f"{labels_file}: {wnid!r} is not one of the {len(self.classes)} classes")
         return self.class_to_idx[wnid]
+
+
+def _mean_image(size: int, uint8: bool) -> torch.Tensor:
+    """A placeholder's input: the mean image, as uint8 (device augmentation) or normalised (zeros)."""
+    if not uint8:
+        return torch.zeros(3, size, size)
+    mean = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
+    return mean.view(3, 1, 1).expand(3, size, size).clone()
 
 
 def _images_in(folder: Path) -> list[Path]:

@@ -17,6 +17,16 @@ A collated batch has the same keys with a leading batch axis, plus
     num_visible  visible tokens per sample (int, with masks only): read here on the CPU so that the
                  training step never reads it back from the device
     errors       {index: error} of the batch's placeholders, for the reports of files that could not be read
+
+Training batches of ``PretrainDataModule(augment_on="device")`` leave the rest to ``device_augment``, which
+turns them into the batch above once on the device:
+
+    images  ``input`` is the uint8 (3, H, W) crop, not yet flipped or normalised, plus ``flip`` (bool scalar)
+    video   no ``input``: every replica carries ``clip``, the uint8 decoded frames (T, H, W, 3) it shares with
+            the clip's other replicas, and ``box``, its crop in source pixels (top, left, height, width: ints).
+            The batch holds each clip once, ``clip`` uint8 (N, T, Hmax, Wmax, 3) zero-padded to the largest,
+            ``clip_size`` int64 (N, 2) each clip's own (H, W), and per replica ``clip_index`` (its clip) and
+            ``box``: lists of plain ints, which stay on the host, so the device op reads them without a sync
 """
 
 from __future__ import annotations
@@ -38,18 +48,23 @@ def make_sample(
     patch_size: tuple[int, int, int] | None = None,
     mask_generator: torch.Generator | None = None,
     error: str = "",
+    input_shape: tuple[int, ...] | None = None,
+    **extra,
 ) -> dict:
     """One sample dict; with ``masking``, a mask over the token grid of ``x`` drawn from ``mask_generator``;
-    ``error`` says why a placeholder's file could not be read (see :func:`failure_reason`)."""
-    sample = {
-        "input": x,
-        "label": torch.tensor(label, dtype=torch.int64),
-        "valid": torch.tensor(valid),
-        "index": torch.tensor(index, dtype=torch.int64),
-        "error": error,
-    }
+    ``error`` says why a placeholder's file could not be read (see :func:`failure_reason`). ``x`` is None for
+    a replica whose crop is cut on the device: then ``input_shape`` is the shape the model will get, and
+    ``extra`` holds the uint8 keys (module docstring)."""
+    sample = {} if x is None else {"input": x}
+    sample.update(
+        label=torch.tensor(label, dtype=torch.int64),
+        valid=torch.tensor(valid),
+        index=torch.tensor(index, dtype=torch.int64),
+        error=error,
+        **extra,
+    )
     if masking is not None:
-        sample["mask"] = masking(token_grid(tuple(x.shape), patch_size), mask_generator)
+        sample["mask"] = masking(token_grid(input_shape or tuple(x.shape), patch_size), mask_generator)
     return sample
 
 
@@ -58,13 +73,29 @@ def collate_samples(items: list, modality: str, source: str) -> dict:
     flat: list[dict] = []
     for item in items:
         flat.extend(item if isinstance(item, list) else [item])
-    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in flat]) for k in SAMPLE_KEYS if k in flat[0]}
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in flat]) for k in (*SAMPLE_KEYS, "flip") if k in flat[0]}
+    if "clip" in flat[0]:
+        firsts = [item[0] if isinstance(item, list) else item for item in items]
+        batch["clip"], batch["clip_size"] = pad_clips([s["clip"] for s in firsts])
+        per_clip = torch.tensor([len(item) if isinstance(item, list) else 1 for item in items])
+        batch["clip_index"] = torch.repeat_interleave(torch.arange(len(items)), per_clip).tolist()
+        batch["box"] = [tuple(s["box"]) for s in flat]
     batch["modality"] = modality
     batch["source"] = source
     batch["errors"] = {int(s["index"]): s["error"] for s in flat if s.get("error")}
     if "mask" in batch:
         batch["num_visible"] = int((~batch["mask"][0]).sum())
     return batch
+
+
+def pad_clips(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 clips (T, H_i, W_i, 3) -> one zero-padded uint8 (N, T, Hmax, Wmax, 3) and their sizes (N, 2)."""
+    sizes = torch.tensor([clip.shape[1:3] for clip in clips], dtype=torch.int64)
+    height, width = sizes.max(dim=0).values.tolist()
+    out = torch.zeros((len(clips), clips[0].shape[0], height, width, 3), dtype=torch.uint8)
+    for n, clip in enumerate(clips):
+        out[n, :, : clip.shape[1], : clip.shape[2]] = clip
+    return out, sizes
 
 
 def failure_reason(err: BaseException) -> str:

@@ -50,6 +50,9 @@ class VideoClipDataset(Dataset):
         num_clips: evaluation only: evenly spaced windows per video (5 for the SSv2 test protocol).
         num_crops: evaluation only: 1 (centre) or 3 (along the long side) crops per window.
         backend: video decoder, "pyav", "torchcodec" or "auto" (torchcodec when it is usable).
+        augment_on: "worker" (default) or "device" (training with the default crop only): the replicas share
+            the uint8 decoded clip and each carries its crop box; ``device_augment`` crops, resizes and
+            normalises them on the device (see ``sample.py``).
     """
 
     modality = "video"
@@ -69,9 +72,13 @@ class VideoClipDataset(Dataset):
         num_clips: int = 1,
         num_crops: int = 1,
         backend: VideoBackend = "pyav",
+        augment_on: str = "worker",
     ) -> None:
         if replicas < 1 or num_clips < 1:
             raise ValueError(f"replicas and num_clips must be >= 1, got {replicas} and {num_clips}")
+        if augment_on not in ("worker", "device") or (augment_on == "device" and not train):
+            raise ValueError(f"augment_on must be 'worker' or (in training) 'device', got {augment_on!r}")
+        self.augment_on = augment_on
         self.num_frames = num_frames
         self.clip_duration = clip_duration
         self.crop_size = crop_size
@@ -121,6 +128,8 @@ class VideoClipDataset(Dataset):
         index, epoch = split_key(key, self.epoch)
         if not self.train:
             epoch = 0  # evaluation views and masks are the same every epoch
+        if self.augment_on == "device":
+            return self._uint8_replicas(index, epoch)
         try:
             inputs = self._train_views(index, epoch) if self.train else self._eval_views(index)
             error = ""
@@ -129,6 +138,29 @@ class VideoClipDataset(Dataset):
         label = self.videos[index][1]
         samples = [self._sample(x, label, error, index, epoch, view) for view, x in enumerate(inputs)]
         return samples[0] if len(samples) == 1 else samples
+
+    def _uint8_replicas(self, index: int, epoch: int) -> list[Sample]:
+        """The decoded clip once, shared by ``replicas`` samples that each carry their crop box (source pixels)
+        and mask, from the same draws as the worker path; a placeholder is a mid-grey clip, boxed whole."""
+        try:
+            window = sample_generator(self.seed, epoch, index, "window")
+            clip = self.reader.read_clip(self.encoded(index), self.num_frames, self.clip_duration, window)
+            crops = [sample_generator(self.seed, epoch, index, "crop", r) for r in range(self.replicas)]
+            boxes = [self.train_transform.crop_box(clip, g) for g in crops]
+            error = ""
+        except (VideoDecodeError, OSError) as err:
+            size = self.crop_size
+            clip = torch.full((self.num_frames, size, size, 3), 128, dtype=torch.uint8)
+            boxes, error = [(0, 0, size, size)] * self.replicas, failure_reason(err)
+        label = self.videos[index][1]
+        shape = (3, self.num_frames, self.crop_size, self.crop_size)
+        return [
+            make_sample(
+                None, label, not error, index, self.masking, self.patch_size,
+                self._mask_generator(index, epoch, view), error, input_shape=shape, clip=clip, box=box,
+            )
+            for view, box in enumerate(boxes)
+        ]
 
     def _train_views(self, index: int, epoch: int) -> list[torch.Tensor]:
         window = sample_generator(self.seed, epoch, index, "window")
@@ -144,8 +176,11 @@ class VideoClipDataset(Dataset):
         return [grey_clip(self.num_frames, self.crop_size) for _ in range(self.views_per_item)]
 
     def _sample(self, x: torch.Tensor, label: int, error: str, index: int, epoch: int, view: int) -> Sample:
-        mask_generator = sample_generator(self.seed, epoch, index, "mask", view) if self.masking is not None else None
+        mask_generator = self._mask_generator(index, epoch, view)
         return make_sample(x, label, not error, index, self.masking, self.patch_size, mask_generator, error)
+
+    def _mask_generator(self, index: int, epoch: int, view: int) -> torch.Generator | None:
+        return sample_generator(self.seed, epoch, index, "mask", view) if self.masking is not None else None
 
 
 def _read_json(path: Path) -> object:

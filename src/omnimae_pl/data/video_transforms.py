@@ -65,15 +65,21 @@ def grey_clip(num_frames: int, size: int) -> torch.Tensor:
     return value.expand(3, num_frames, size, size).clone()
 
 
-def _crop_resize(clip: torch.Tensor, box: Box, short_side: int, size: int) -> torch.Tensor:
-    """Crop ``box`` given in short-side-resized coordinates from the source clip (T, H, W, 3), resize to size^2."""
-    height, width = clip.shape[1:3]
+def source_box(height: int, width: int, box: Box, short_side: int) -> Box:
+    """``box`` given in the coordinates of the short-side-resized frames -> the same box in source pixels of a
+    ``height`` x ``width`` clip (rounded, at least one pixel, inside the frame)."""
     scaled_h, scaled_w = short_side_size(height, width, short_side)
     sy, sx = height / scaled_h, width / scaled_w
     top, left, h, w = box
     src_top, src_left = min(round(top * sy), height - 1), min(round(left * sx), width - 1)
     src_h = max(min(round(h * sy), height - src_top), 1)
     src_w = max(min(round(w * sx), width - src_left), 1)
+    return src_top, src_left, src_h, src_w
+
+
+def _crop_resize(clip: torch.Tensor, box: Box, short_side: int, size: int) -> torch.Tensor:
+    """Crop ``box`` given in short-side-resized coordinates from the source clip (T, H, W, 3), resize to size^2."""
+    src_top, src_left, src_h, src_w = source_box(clip.shape[1], clip.shape[2], box, short_side)
     video = tv_tensors.Video(clip.permute(0, 3, 1, 2))  # channels-last memory: torchvision's fast uint8 path
     out = F.resized_crop(
         video, src_top, src_left, src_h, src_w, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True
@@ -98,9 +104,17 @@ class VideoTrainTransform:
     def __call__(self, clip: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 (T, H, W, 3) -> float32 (3, T, crop, crop); the box is drawn from ``generator``."""
         _check_clip(clip)
+        return _crop_resize(clip, self._draw(clip, generator), self.short_side, self.crop_size)
+
+    def crop_box(self, clip: torch.Tensor, generator: torch.Generator | None = None) -> Box:
+        """The box ``__call__`` would crop, in source pixels (top, left, height, width), from the same draws:
+        what the worker hands over when the crop-resize runs on the device (``device_augment``)."""
+        _check_clip(clip)
+        return source_box(clip.shape[1], clip.shape[2], self._draw(clip, generator), self.short_side)
+
+    def _draw(self, clip: torch.Tensor, generator: torch.Generator | None) -> Box:
         scaled_h, scaled_w = short_side_size(clip.shape[1], clip.shape[2], self.short_side)
-        box = random_resized_crop_box(scaled_h, scaled_w, self.scale, self.ratio, generator)
-        return _crop_resize(clip, box, self.short_side, self.crop_size)
+        return random_resized_crop_box(scaled_h, scaled_w, self.scale, self.ratio, generator)
 
 
 @dataclass(frozen=True)
