@@ -25,7 +25,8 @@ DESCRIPTION = "Training-step benchmark: samples/s, MFU, peak memory, eager vs to
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM (and H200: same tensor cores), dense bf16
 GPU_IMAGE_BATCH = {"base": 256, "large": 256, "huge": 256}
 GPU_VIDEO_BATCH = 32  # 8 clips x 4 replicas per GPU, as in the released recipe
-DERIVED = ("batches", "modalities", "mask_ratios", "spec", "compile_mode_used", "compile_note")  # set from the options, not options themselves
+# set from the options, not options themselves
+DERIVED = ("batches", "modalities", "mask_ratios", "spec", "compile_mode_used", "compile_note")
 
 
 def build_parser() -> argparse.ArgumentParser:

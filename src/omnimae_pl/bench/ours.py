@@ -80,7 +80,9 @@ def _compiled(rows, ours, args, device, precision, peak, flops) -> dict:
         return extra
     extra = {"compile_total_s": time.perf_counter() - t0, "recompiles_alternating": alternating,
              "compiled_graphs": unique_graphs(), "compile_mode": args.compile_mode_used or "default",
-             "compile_backend": args.compile_backend, **({"compile_note": args.compile_note} if args.compile_note else {})}
+             "compile_backend": args.compile_backend}
+    if args.compile_note:
+        extra["compile_note"] = args.compile_note
     log(f"  compile: {extra}")
     return extra
 
