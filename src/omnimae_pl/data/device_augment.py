@@ -25,6 +25,7 @@ code runs on the CPU.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -48,13 +49,21 @@ def is_uint8_batch(batch: dict) -> bool:
 def normalise(pixels: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     """Pixel values 0-255 (uint8 or float) -> float32 ``(x / 255 - mean) / std``, one fused multiply-add;
     ``channel_dim`` is the axis of the 3 colour channels. A float input is overwritten (it is the output)."""
-    shape = [1] * pixels.ndim
-    shape[channel_dim] = 3
-    scale = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(shape).to(pixels.device)
-    shift = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(shape).to(pixels.device)
+    scale, shift = _affine(pixels.device, pixels.ndim, channel_dim % pixels.ndim)
     if pixels.dtype == torch.float32:
         return torch.addcmul(shift, pixels, scale, out=pixels)
     return torch.addcmul(shift, pixels, scale)  # uint8 in, float32 out: no float copy of the input
+
+
+@functools.cache
+def _affine(device: torch.device, ndim: int, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``normalise``'s scale and shift, made once per device: copying them there at every batch would wait for
+    the device's queued work (a copy from pageable memory synchronises)."""
+    shape = [1] * ndim
+    shape[channel_dim] = 3
+    scale = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(shape).to(device)
+    shift = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(shape).to(device)
+    return scale, shift
 
 
 def flip_normalise(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
