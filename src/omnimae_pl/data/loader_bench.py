@@ -13,6 +13,8 @@ and the same two for the uint8 path (``augment_on: device``, see ``data.device_a
 
 - replicated_samples_uint8: one decode + 4 crop boxes + 4 masks (the crop-resize moves to the device);
 - images_uint8: JPEG decode + the resized crop in uint8 (flip and normalise move to the device);
+- image_decodes: the JPEG decode alone (box drawn, ``Image.draft`` as above): the floor of any split of the
+  image work that leaves decoding in the worker;
 
 then the bytes per sample that a batch sends to the device on either path, and the time of the device-side op
 (``to_float_batch``) per batch when it runs on this CPU.
@@ -43,7 +45,7 @@ from PIL import Image
 
 from omnimae_pl.data.demo import digit_images, digit_sprite, paste, photo, write_webm
 from omnimae_pl.data.device_augment import to_float_batch, transfer_bytes
-from omnimae_pl.data.image_transforms import RandomResizedCropFlip
+from omnimae_pl.data.image_transforms import RandomResizedCropFlip, decode_rgb, draft_for_box, random_resized_crop_box
 from omnimae_pl.data.imagenet import ImageNet
 from omnimae_pl.data.sample import collate_samples
 from omnimae_pl.data.seeding import sample_generator
@@ -164,6 +166,7 @@ def run(folder: Path, seconds: float) -> tuple[dict[str, dict[str, float]], dict
         lambda i: _one(transform.crop_uint8(Image.open(images[i % len(images)]), sample_generator(0, 0, i, "crop"))),
         seconds,
     )
+    results["image_decodes"] = measure(lambda i: _one(_decode(transform, images[i % len(images)], i)), seconds)
     pictures = {a: ImageNet(folder / "imagenet", masking=IMAGE_MASKING, augment_on=a) for a in PATHS}
     return results, {
         f"{modality}{name}": _transfer(dataset, modality)
@@ -174,6 +177,15 @@ def run(folder: Path, seconds: float) -> tuple[dict[str, dict[str, float]], dict
 
 
 PATHS = {"worker": "", "device": "_uint8"}  # augment_on -> the suffix of its rows
+
+
+def _decode(transform: RandomResizedCropFlip, path: Path, i: int) -> torch.Tensor:
+    """The decode that ``transform`` does, without the resize: box drawn, JPEG draft scale chosen, decoded."""
+    with Image.open(path) as image:
+        box = random_resized_crop_box(image.height, image.width, transform.scale, transform.ratio,
+                                      sample_generator(0, 0, i, "crop"))
+        draft_for_box(image, box, transform.size, transform.size)
+        return decode_rgb(image)
 
 
 def _transfer(dataset, modality: str) -> dict[str, float]:
