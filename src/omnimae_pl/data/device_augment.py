@@ -10,10 +10,11 @@ in uint8) and the rest runs here, after the batch has reached the device, in a f
   -> per replica the crop resized to S x S (bilinear, antialiased) and normalised: (N * R, 3, T, S, S).
 
 The video resize is the worker's (``F.interpolate``, bilinear, antialiased, on the cropped box) in float, rounded
-to whole grey levels as torchvision's uint8 kernel rounds; that kernel computes in fixed point, so a few values
-still land one grey level apart: on the test clips 1.4 % of the values, max abs 0.0175 and mean abs 0.0003 in
-normalised units; ``VIDEO_TOLERANCE`` (one grey level, mean 0.001) is what tests/data/test_device_augment.py
-asserts. Not rounding doubles the mean (0.0017 on the test clips, 0.004 on SSv2-sized 427x240 clips).
+to whole grey levels as torchvision's uint8 kernel rounds; that kernel computes in fixed point, so some values
+still land one grey level apart, never more: on loader-bench's SSv2-sized clips (427x240, 16 frames, 24 crops)
+12.6 % of the values, max abs 0.0175 and mean abs 0.0022 in normalised units; on the flat test clips 1.4 %, mean
+0.0003. ``VIDEO_TOLERANCE`` (one grey level, mean 0.003) is what tests/data/test_device_augment.py asserts.
+Not rounding doubles the mean (0.004 on the SSv2-sized clips, 0.0017 on the test clips).
 ``torchvision.ops.roi_align`` (aligned, adaptive sampling ratio: one op for all boxes) was measured on SSv2-sized
 clips too: up to 0.38 apart at the crop edges (it samples beyond the box, where the worker's resize clamps to
 it), and it averages samples in a box instead of an antialiasing kernel, so the per-box ``interpolate`` is used.
@@ -36,7 +37,7 @@ from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
 Box = tuple[int, int, int, int]  # top, left, height, width in source pixels
 
 # max abs and mean abs difference, in normalised units, from the worker path's video tensors
-VIDEO_TOLERANCE = {"max": 1.0 / (255 * min(IMAGENET_STD)) + 1e-4, "mean": 0.001}
+VIDEO_TOLERANCE = {"max": 1.0 / (255 * min(IMAGENET_STD)) + 1e-4, "mean": 0.003}
 # the batch keys of a uint8 batch that the float batch no longer has
 UINT8_KEYS = ("flip", "clip", "clip_size", "clip_index", "box")
 
