@@ -143,7 +143,7 @@ MISTAKES = [
     Mistake("two sources with one name", (f"{D}.sources[1].name='imagenet_demo'", "must differ"),
             make=lambda tmp, demo: _sources(demo, s1={"name": "imagenet_demo"})),
     Mistake("weight for one source only", (f"{D}.sources[].weight=[2.0, None]", "every trained source or for none"),
-            make=lambda tmp, demo: _sources(demo, s0={"weight": 2.0})),
+            make=lambda tmp, demo: _sources(demo, s0={"weight": 2.0}, s1={"weight": None})),
     Mistake("unknown video_backend", (f"{D}.video_backend", "'pyav', 'torchcodec', 'auto'"),
             (f"--{D}.video_backend", "decord")),
     # what the parser refuses

@@ -47,7 +47,13 @@ def _fit(demo_root, out: Path, world: int, extra: list[str]) -> dict:
     args = ["fit", "--config", DEMO, *extra, *_options(demo_root, out, world), "--trainer.devices", str(world)]
     result = run_cli_subprocess(args, cwd=out.parent)
     assert result.returncode == 0, result.stderr[-3000:]
-    return _results(out)
+    return {**_results(out), "stdout": result.stdout}
+
+
+def _startup_processes(output: str) -> list[str]:
+    """The processes line of every start-up summary in one process's output (rank 0 prints it, once)."""
+    lines = output.splitlines()
+    return [lines[i + 1].split(None, 1)[1] for i, line in enumerate(lines) if line == "Start-up summary:"]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +92,12 @@ GRAD_CKPT = ["--model.init_args.grad_checkpointing", "{image: true, video: true}
 )
 def test_two_processes_equal_one(demo_root, tmp_path, one_process, strategy, options):
     layer = ["--config", str(REPO / "configs" / "trainer" / strategy), *options]
-    _assert_equal(_fit(demo_root, tmp_path / "world2", 2, layer), one_process)
+    many = _fit(demo_root, tmp_path / "world2", 2, layer)
+    _assert_equal(many, one_process)
+    name = {"ddp.yaml": "DDPStrategy", "fsdp2.yaml": "FSDP2Strategy"}[strategy]
+    # both ranks write to this output; only rank 0 prints the summary, with the global batch of the one process
+    assert _startup_processes(many["stdout"]) == [f"2 = 1 node x 2 devices per node ({name}, precision 32-true)"]
+    assert "  batch image      4 per rank x 2 ranks x 1 accumulated = 8 per optimizer step" in many["stdout"]
 
 
 def _free_port() -> int:
@@ -114,8 +125,11 @@ def test_two_nodes_under_slurm_equal_one_process(demo_root, tmp_path, one_proces
               "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "127.0.0.1", "SLURM_LOCALID": "0",
               "MASTER_PORT": str(_free_port())}
     envs = [{**common, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank)} for rank in range(2)]
-    for code, log in run_together([command, command], envs, cwd=tmp_path):
+    logs = run_together([command, command], envs, cwd=tmp_path)
+    for code, log in logs:
         assert code == 0, log[-3000:]
+    assert [_startup_processes(log) for _, log in logs] == [
+        ["2 = 2 nodes x 1 device per node (DDPStrategy, precision 32-true)"], []]
     results = _results(out)
     assert results["ranks"] == [{"global_rank": r, "node_rank": r, "local_rank": 0, "world_size": 2, "num_nodes": 2,
                                  "environment": "SLURMEnvironment"} for r in range(2)]
@@ -131,8 +145,11 @@ def test_two_nodes_with_torchrun_equal_one_process(demo_root, tmp_path, one_proc
     commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
                  "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
                  "-m", "omnimae_pl", *args] for rank in range(2)]
-    for code, log in run_together(commands, [{}, {}], cwd=tmp_path):
+    logs = run_together(commands, [{}, {}], cwd=tmp_path)
+    for code, log in logs:
         assert code == 0, log[-3000:]
+    assert [_startup_processes(log) for _, log in logs] == [
+        ["2 = 2 nodes x 1 device per node (DDPStrategy, precision 32-true)"], []]
     results = _results(out)
     assert results["ranks"] == [{"global_rank": r, "node_rank": r, "local_rank": 0, "world_size": 2, "num_nodes": 2,
                                  "environment": "TorchElasticEnvironment"} for r in range(2)]

@@ -1,15 +1,18 @@
 """A small demo corpus in the real on-disk layouts, built from data shipped inside installed packages.
 
-``imagenet/{train,val}/<wnid>/*.JPEG``: scikit-learn's handwritten digits (10 classes, upscaled and coloured,
-on texture backgrounds) plus crops of scikit-image photos (astronaut, coffee, chelsea, rocket) as four more
-classes. As in the real ImageNet, the train split holds a greyscale JPEG, a CMYK JPEG and a PNG named .JPEG.
+``imagenet/{train,val}/<wnid>/*.JPEG``: scikit-learn's handwritten digits (10 classes), upscaled and coloured, on a
+plain dark background. As in the real ImageNet, the train split holds a greyscale JPEG, a CMYK JPEG and a PNG
+named .JPEG.
 
-``ssv2/``: the three official Something-Something v2 JSON files and ``videos/<id>.webm`` (VP9, 12 fps, 2-4 s):
-a digit moving left to right, right to left, up, down, towards or away from the camera over a texture. The class
-depends on the order of the frames, as in SSv2 (a reversed clip has another label), so a model needs time.
+``ssv2/``: the three official Something-Something v2 JSON files and ``videos/<id>.webm`` (VP9, 12 fps, 1-1.7 s):
+a digit moving left to right, right to left, up, down, towards or away from the camera over a plain background,
+by about a third of the frame every quarter of the clip. The class depends on the order of the frames, as in
+SSv2 (a reversed clip has another label), so a model needs time.
 
-Everything is deterministic given ``seed``; a marker file records what was built, and a second call with the
-same arguments reuses it. Run ``omnimae-cli demo-data --root DIR`` to build and print the paths.
+Plain backgrounds because the loss normalises every patch: a textured background becomes per-patch noise that
+hides the digit (a flat patch has a zero target, so only the digit's patches count). Everything is
+deterministic given ``seed``; a marker file records what was built, and a second call with the same arguments
+reuses it. Run ``omnimae-cli demo-data --root DIR`` to build and print the paths.
 """
 
 from __future__ import annotations
@@ -25,10 +28,8 @@ import av
 import numpy as np
 from PIL import Image
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 MARKER = "omnimae_demo.json"
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-TEXTURES = ("grass", "gravel", "brick", "camera", "moon", "coins")
 MOTIONS = (
     "Moving [something] from left to right",
     "Moving [something] from right to left",
@@ -44,8 +45,8 @@ def build_demo_data(
     root: str | Path,
     train_images_per_class: int = 100,
     val_images_per_class: int = 20,
-    num_videos: int = 420,
-    video_size: tuple[int, int] = (128, 96),
+    num_videos: int = 1200,
+    video_size: tuple[int, int] = (64, 64),
     seed: int = 0,
 ) -> dict[str, Path]:
     """Write (or reuse) the demo corpus under ``root``; returns its paths.
@@ -126,32 +127,20 @@ def photo(name: str) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
 
 
-def _random_crop(image: np.ndarray, size: tuple[int, int], rng: np.random.Generator, min_frac: float) -> np.ndarray:
-    """A random crop covering at least ``min_frac`` of each side, resized to ``size`` = (width, height)."""
-    h, w = image.shape[:2]
-    ch = int(h * rng.uniform(min_frac, 1.0))
-    cw = min(int(ch * size[0] / size[1]), w)
-    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    crop = Image.fromarray(image[top : top + ch, left : left + cw])
-    return np.asarray(crop.resize(size, Image.BILINEAR))
-
-
-def _background(textures: list[np.ndarray], size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """A dim, tinted texture crop: busy enough to be a background, dark enough for the digit to stand out."""
-    texture = _random_crop(textures[rng.integers(len(textures))], size, rng, 0.3).astype(np.float32)
-    tint = rng.uniform(0.3, 0.7, size=3)
-    return (texture.mean(axis=2, keepdims=True) * tint).astype(np.uint8)
-
-
-def _bright_colour(rng: np.random.Generator) -> np.ndarray:
-    colour = rng.uniform(60, 255, size=3)
-    colour[rng.integers(3)] = 255
-    return colour
+def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(background, digit) colours: a dark background and a light digit or, half the time, the reverse, at
+    least 90 levels apart in every channel (the loss normalises each channel of a patch on its own: a channel
+    with little contrast would be all noise). Either polarity leaves the digit's shape and motion the same."""
+    dark, light = rng.uniform(0, 60, size=3), rng.uniform(150, 255, size=3)
+    return (light, dark) if rng.random() < 0.5 else (dark, light)
 
 
 def digit_sprite(digit: np.ndarray, side: int, colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An upscaled digit as (colour image, alpha), both (side, side, ...) floats."""
+    """An upscaled digit as (colour image, alpha), both (side, side, ...) floats. Alpha under 4 % is cut to 0:
+    bicubic ripples around the strokes would leave single-level specks on a plain background, which the loss's
+    per-patch normalisation turns into full-strength noise."""
     alpha = np.asarray(Image.fromarray(digit).resize((side, side), Image.BICUBIC), dtype=np.float32) / 255.0
+    alpha[alpha < 0.04] = 0.0
     return np.broadcast_to(colour, (side, side, 3)).astype(np.float32), alpha[..., None]
 
 
@@ -171,25 +160,21 @@ def paste(canvas: np.ndarray, sprite: tuple[np.ndarray, np.ndarray], x: int, y: 
 
 def _write_imagenet(root: Path, n_train: int, n_val: int, rng: np.random.Generator) -> None:
     images, labels = digit_images()
-    textures = [photo(name) for name in TEXTURES]
-    photos = [photo(name) for name in PHOTOS]
-    wnids = [f"n{k:08d}" for k in range(10 + len(PHOTOS))]
     val_number = 0
-    for k, wnid in enumerate(wnids):
-        pool = np.flatnonzero(labels == k) if k < 10 else None
+    for k in range(10):
+        wnid = f"n{k:08d}"
+        pool = np.flatnonzero(labels == k)
         for split, count in (("train", n_train), ("val", n_val)):
             folder = root / split / wnid
             folder.mkdir(parents=True)
             for n in range(count):
-                size = (int(rng.integers(64, 97)), int(rng.integers(64, 97)))
-                if pool is not None:  # train and val take different digits while there are enough
-                    digit = images[pool[(n if split == "train" else n_train + n) % len(pool)]]
-                    picture = _background(textures, size, rng)
-                    side = int(min(size) * rng.uniform(0.55, 0.9))
-                    x, y = rng.integers(0, size[0] - side + 1), rng.integers(0, size[1] - side + 1)
-                    picture = paste(picture, digit_sprite(digit, side, _bright_colour(rng)), x, y)
-                else:
-                    picture = _random_crop(photos[k - 10], size, rng, 0.25)
+                size = (int(rng.integers(48, 65)), int(rng.integers(48, 65)))
+                digit = images[pool[(n if split == "train" else n_train + n) % len(pool)]]  # train and val differ
+                background, colour = _colours(rng)
+                picture = np.broadcast_to(background, (size[1], size[0], 3)).astype(np.uint8)
+                side = int(min(size) * rng.uniform(0.55, 0.9))
+                x, y = rng.integers(0, size[0] - side + 1), rng.integers(0, size[1] - side + 1)
+                picture = paste(picture, digit_sprite(digit, side, colour), x, y)
                 if split == "train":
                     name = f"{wnid}_{n}.JPEG"
                 else:
@@ -201,45 +186,45 @@ def _write_imagenet(root: Path, n_train: int, n_val: int, rng: np.random.Generat
 def _save_picture(image: Image.Image, path: Path, special: int) -> None:
     """JPEG, except the oddities real ImageNet has: 0 = greyscale, 1 = CMYK, 2 = PNG bytes behind .JPEG."""
     if special == 0:
-        image.convert("L").save(path, format="JPEG", quality=90)
+        image.convert("L").save(path, format="JPEG", quality=100)
     elif special == 1:
-        image.convert("CMYK").save(path, format="JPEG", quality=90)
+        image.convert("CMYK").save(path, format="JPEG", quality=100)
     elif special == 2:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         path.write_bytes(buffer.getvalue())
-    else:
-        image.save(path, format="JPEG", quality=90)
+    else:  # quality 100, no chroma subsampling: ringing would be noise in the per-patch normalised targets
+        image.save(path, format="JPEG", quality=100, subsampling=0)
 
 
 # ---------------------------------------------------------------- videos
 
 
 def _motion_frames(
-    template: str, digit: np.ndarray, background: np.ndarray, n_frames: int, rng: np.random.Generator
+    template: str, digit: np.ndarray, background: np.ndarray, colour: np.ndarray, n_frames: int,
+    rng: np.random.Generator,
 ) -> np.ndarray:
-    """Frames (N, H, W, 3) of one digit moving as ``template`` says; it moves between two random moments."""
+    """Frames (N, H, W, 3) of one digit moving as ``template`` says, from the first frame to the last: sideways
+    or up / down it crosses the frame, partly outside it at both ends; towards / away it grows / shrinks 4x."""
     h, w = background.shape[:2]
-    t0, t1 = rng.uniform(0.0, 0.2), rng.uniform(0.8, 1.0)
-    progress = np.clip((np.linspace(0, 1, n_frames) - t0) / (t1 - t0), 0, 1)
-    base = int(h * rng.uniform(0.35, 0.5))
-    colour = _bright_colour(rng)
+    progress = np.linspace(0, 1, n_frames)
     frames = np.empty((n_frames, h, w, 3), dtype=np.uint8)
     if "camera" in template:
-        small, large = int(h * 0.25), int(h * 0.9)
+        small, large = int(h * 0.2), int(h * 0.8)
         sides = small + (large - small) * (progress if "towards" in template else 1 - progress)
-        cx, cy = rng.uniform(0.35, 0.65) * w, rng.uniform(0.4, 0.6) * h
+        cx, cy = rng.uniform(0.4, 0.6) * w, rng.uniform(0.4, 0.6) * h
         for i, side in enumerate(sides.astype(int)):
             sprite = digit_sprite(digit, side, colour)
             frames[i] = paste(background, sprite, int(cx - side / 2), int(cy - side / 2))
         return frames
+    base = int(h * rng.uniform(0.45, 0.6))
     sprite = digit_sprite(digit, base, colour)
     if "left" in template:
-        a, b = -base * 0.3, w - base * 0.7
+        a, b = -base * 0.35, w - base * 0.65
         xs = a + (b - a) * (progress if template.endswith("to right") else 1 - progress)
         ys = np.full(n_frames, rng.uniform(0, h - base))
     else:
-        a, b = -base * 0.2, h - base * 0.8
+        a, b = -base * 0.35, h - base * 0.65
         ys = a + (b - a) * (1 - progress if template.endswith("up") else progress)
         xs = np.full(n_frames, rng.uniform(0, w - base))
     for i in range(n_frames):
@@ -247,14 +232,15 @@ def _motion_frames(
     return frames
 
 
-def write_webm(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
+def write_webm(path: Path, frames: np.ndarray, fps: int = FPS, crf: int = 30, lossless: bool = False) -> None:
     """VP9 in WebM, fast single-threaded realtime settings; bit-exact muxing (no random ids), so the same frames
-    give the same bytes."""
+    give the same bytes. ``crf``: 0-63, lower is closer to the frames; ``lossless``: exact (4:2:0) frames."""
     with av.open(str(path), "w", container_options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libvpx-vp9", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.thread_count = 1
-        stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b:v": "0", "row-mt": "0"}
+        quality = {"lossless": "1"} if lossless else {"crf": str(crf), "b:v": "0"}
+        stream.options = {"deadline": "realtime", "cpu-used": "8", "row-mt": "0", **quality}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -264,7 +250,6 @@ def write_webm(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
 
 def _write_ssv2(root: Path, num_videos: int, size: tuple[int, int], rng: np.random.Generator) -> None:
     images, labels = digit_images()
-    textures = [photo(name) for name in TEXTURES]
     videos = root / "videos"
     videos.mkdir(parents=True)
     plain = [t.replace("[", "").replace("]", "") for t in MOTIONS]
@@ -276,9 +261,11 @@ def _write_ssv2(root: Path, num_videos: int, size: tuple[int, int], rng: np.rand
         video_id = str(n + 1)
         template = MOTIONS[n % len(MOTIONS)]
         pick = int(rng.integers(len(images)))
-        n_frames = int(rng.integers(2 * FPS, 4 * FPS + 1))
-        frames = _motion_frames(template, images[pick], _background(textures, size, rng), n_frames, rng)
-        write_webm(videos / f"{video_id}.webm", frames)
+        n_frames = int(rng.integers(FPS, FPS * 5 // 3 + 1))  # 1-1.7 s: shorter than the loaders' 2.7 s window
+        background, colour = _colours(rng)
+        background = np.broadcast_to(background, (size[1], size[0], 3)).astype(np.uint8)
+        frames = _motion_frames(template, images[pick], background, colour, n_frames, rng)
+        write_webm(videos / f"{video_id}.webm", frames, lossless=True)  # coding noise: see digit_sprite
         thing = f"digit {labels[pick]}"
         entries.append(
             {
@@ -305,9 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", required=True, help="folder to write into")
     parser.add_argument("--train-images-per-class", type=int, default=100)
     parser.add_argument("--val-images-per-class", type=int, default=20)
-    parser.add_argument("--num-videos", type=int, default=420)
-    parser.add_argument("--video-width", type=int, default=128)
-    parser.add_argument("--video-height", type=int, default=96)
+    parser.add_argument("--num-videos", type=int, default=1200)
+    parser.add_argument("--video-width", type=int, default=64)
+    parser.add_argument("--video-height", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     paths = build_demo_data(

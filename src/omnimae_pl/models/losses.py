@@ -65,3 +65,27 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     per_token = (pred.float() - target).pow(2).mean(dim=-1)
     weight = mask.to(per_token.dtype)
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def copy_nearest_visible(target: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """A reference prediction for video: every hidden token copies the target of the visible token at the same
+    spatial position and the nearest time step (ties to the earlier one); a position visible at no time step
+    gets zero, the patch mean (the validation baseline). Visible tokens keep their own target.
+
+    ``target`` (B, N, D) in raster order over ``grid`` (T', H', W'), ``mask`` (B, N) or (B, T', H', W'), True =
+    masked. A still scene is copied exactly; a moving digit is not, so a model must beat this to show it uses
+    motion rather than only copying in time.
+    """
+    b, n, d = target.shape
+    t, h, w = grid
+    if n != t * h * w:
+        raise ValueError(f"target has {n} tokens but the grid {tuple(grid)} holds {t * h * w}")
+    visible = ~mask.reshape(b, t, h * w).bool()
+    steps = torch.arange(t, device=target.device)
+    distance = (steps.view(t, 1) - steps.view(1, t)).abs().float()  # (T' hidden, T' source)
+    # (B, T' hidden, T' source, H'W'): inf where the source token is hidden
+    distance = distance.view(1, t, t, 1).expand(b, t, t, h * w).masked_fill(~visible.unsqueeze(1), float("inf"))
+    source = distance.argmin(dim=2)  # the first minimum: the earlier of two equally near steps
+    copied = torch.gather(target.reshape(b, t, h * w, d), 1, source.unsqueeze(-1).expand(-1, -1, -1, d))
+    copied = copied * visible.any(dim=1).view(b, 1, h * w, 1)
+    return copied.reshape(b, n, d)

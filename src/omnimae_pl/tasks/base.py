@@ -1,6 +1,7 @@
 """What pretraining and fine-tuning share: FSDP2 sharding and ``torch.compile`` in ``configure_model``, the
 model's build arguments, the schedule's facts (from the datamodule's public API), AdamW with a warm-up +
-cosine schedule, and the skipping of steps whose loss or gradients are not finite."""
+cosine schedule, the start-up summary of what a fit trains with, and the skipping of steps whose loss or
+gradients are not finite."""
 
 from __future__ import annotations
 
@@ -81,7 +82,9 @@ class OmniMAETask(LightningModule):
     def schedule_facts(self) -> dict:
         """Per-device and global batch per modality, optimiser steps per epoch and in the schedule.
 
-        The length is ``trainer.max_epochs`` epochs, capped by ``trainer.max_steps`` when that is set; just
+        The global batch counts every sample of an optimiser step: per-device batch x world size x
+        ``trainer.accumulate_grad_batches``; the steps are optimiser steps (batches / accumulation). The length
+        is ``trainer.max_epochs`` epochs, capped by ``trainer.max_steps`` when that is set; just
         ``trainer.max_steps`` when ``max_epochs`` is -1 or None. Never ``estimated_stepping_batches``.
         """
         trainer = self.trainer
@@ -95,12 +98,13 @@ class OmniMAETask(LightningModule):
             total = min(total, max_steps) if total else max_steps
         if not total:
             raise ValueError("set trainer.max_epochs or trainer.max_steps: the lr schedule needs its length")
-        return {
+        self._schedule_facts = {
             "batch_size": batch_size,
             "global_batch": {m: b * samples_per_step for m, b in batch_size.items()},
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total,
         }
+        return dict(self._schedule_facts)
 
     def peak_lr(self, facts: dict) -> float:
         """MAE's rule: ``base_lr x global batch / 256``, with the larger global batch of the modalities."""
@@ -124,11 +128,81 @@ class OmniMAETask(LightningModule):
             group["lr"] = peak * group["lr_scale"]
         optimizer = with_initial_state(torch.optim.AdamW(groups, lr=peak, fused=fused_adamw(self.device), **adamw))
         start, end = warmup_start_lr / peak, min_lr / peak
+        # what the start-up summary reports: these very numbers, not a second computation of them
+        self._lr_schedule = {
+            "peak_lr": peak, "total_steps": total_steps, "warmup_fraction": warmup_fraction,
+            # warmup_cosine warms up while step < warmup_fraction x total_steps
+            "warmup_steps": math.ceil(warmup_fraction * total_steps), "warmup_start_lr": warmup_start_lr,
+            "min_lr": min_lr, "rebase_cosine": rebase_cosine,
+        }
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: warmup_cosine(step, total_steps, warmup_fraction, start, end, rebase_cosine=rebase_cosine),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- the start-up summary ----------------------------------------------------------------------------
+    def startup_facts(self) -> dict:
+        """What this fit trains with, from the facts and the schedule that ``configure_optimizers`` built the
+        optimizer from (:meth:`schedule_facts`, :meth:`adamw_warmup_cosine`), not a second computation of them:
+        processes, strategy and precision, batch per rank and per optimiser step for each modality, gradient
+        accumulation, the peak lr and whether MAE's rule gave it, warm-up and optimiser steps. Plain numbers
+        and strings (they go to the loggers' config)."""
+        trainer, facts, schedule = self.trainer, self._schedule_facts, self._lr_schedule
+        epochs = trainer.max_epochs if (trainer.max_epochs or -1) > 0 else None
+        by_epochs = epochs is not None and schedule["total_steps"] == facts["steps_per_epoch"] * epochs
+        return {
+            "world_size": trainer.world_size, "num_nodes": trainer.num_nodes, "devices_per_node": trainer.num_devices,
+            "strategy": type(trainer.strategy).__name__, "precision": str(trainer.precision),
+            "batch_per_rank": dict(facts["batch_size"]), "global_batch": dict(facts["global_batch"]),
+            # the pretraining data's augmented copies of each decoded clip: video batches are clips x replicas
+            "video_replicas": getattr(trainer.datamodule, "replicas", 1) if "video" in facts["batch_size"] else 1,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "base_lr": self.hparams.base_lr, "peak_lr": schedule["peak_lr"],
+            # else the task's own lr (fine-tuning's ``lr``)
+            "peak_lr_scaled": schedule["peak_lr"] == OmniMAETask.peak_lr(self, facts),
+            "warmup_steps": schedule["warmup_steps"], "warmup_fraction": schedule["warmup_fraction"],
+            "warmup_start_lr": schedule["warmup_start_lr"], "min_lr": schedule["min_lr"],
+            "optimizer_steps_per_epoch": facts["steps_per_epoch"], "total_steps": schedule["total_steps"],
+            "schedule_length": _count(epochs, "epoch") if by_epochs else "trainer.max_steps",
+        }
+
+    @staticmethod
+    def startup_summary(facts: dict) -> str:
+        """:meth:`startup_facts` as the aligned lines printed when training starts."""
+        world, accumulate, replicas = facts["world_size"], facts["accumulate_grad_batches"], facts["video_replicas"]
+        rows = [("processes", f"{world} = {_count(facts['num_nodes'], 'node')} x "
+                              f"{_count(facts['devices_per_node'], 'device')} per node ({facts['strategy']}, "
+                              f"precision {facts['precision']})")]
+        for modality, per_rank in facts["batch_per_rank"].items():
+            step = facts["global_batch"][modality]
+            clips = modality == "video" and replicas > 1
+            rows.append((f"batch {modality}", f"{per_rank} per rank"
+                         + (f" ({per_rank // replicas} clips x {replicas} replicas)" if clips else "")
+                         + f" x {_count(world, 'rank')} x {accumulate} accumulated = {step} per optimizer step"
+                         + (f" ({step // replicas} clips)" if clips else "")))
+        rows.append(("accumulation", f"{_count(accumulate, 'batch')} per optimizer step "
+                                     "(trainer.accumulate_grad_batches)"))
+        global_batch, peak = max(facts["global_batch"].values()), _lr(facts["peak_lr"])
+        rows.append(("peak lr", f"{_lr(facts['base_lr'])} x {global_batch} / 256 = {peak} (base_lr x global batch "
+                                "/ 256, the larger modality's)" if facts["peak_lr_scaled"]
+                     else f"{peak} (model.init_args.lr, not scaled with the batch)"))
+        rows.append(("warm-up", f"{_count(facts['warmup_steps'], 'optimizer step')} (warmup_fraction "
+                                f"{facts['warmup_fraction']:g}) from {_lr(facts['warmup_start_lr'])}, then cosine "
+                                f"to {_lr(facts['min_lr'])}"))
+        rows.append(("optimizer steps", f"{facts['optimizer_steps_per_epoch']} per epoch, {facts['total_steps']} in "
+                                        f"total ({facts['schedule_length']})"))
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(["Start-up summary:", *(f"  {name:<{width}}  {text}" for name, text in rows)])
+
+    def on_train_start(self) -> None:
+        """Prints the start-up summary on rank 0 (after a resumed run's state is restored) and adds its facts to
+        the loggers' config, under ``startup`` (wandb's run config, hparams.yaml)."""
+        facts = self.startup_facts()
+        if self.trainer.is_global_zero:
+            print(self.startup_summary(facts), flush=True)
+        for logger in self.loggers:
+            logger.log_hyperparams({"startup": facts})
 
     # -- steps whose loss or gradients are not finite ----------------------------------------------------
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
@@ -207,3 +281,15 @@ def _datamodule(trainer):
             "(e.g. omnimae_pl.data.datamodule's)"
         )
     return dm
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("ch") else f"{n} {word}s"
+
+
+def _lr(value: float) -> str:
+    """1.25e-3 rather than 0.00125 or 1.250e-03: learning rates read at a glance, 4 significant digits."""
+    if value == 0:
+        return "0"
+    mantissa, exponent = f"{value:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from omnimae_pl.callbacks import ModalitySpeedMonitor, WandbRunId
 from omnimae_pl.errors import check_value, config_prefix
+from omnimae_pl.masking import token_grid
 from omnimae_pl.models import OmniMAE, omnimae_pretrain
+from omnimae_pl.models.losses import copy_nearest_visible
 from omnimae_pl.optim import param_groups
 from omnimae_pl.tasks.bad_sample_report import BadSampleReport
 from omnimae_pl.tasks.base import OmniMAETask, model_kwargs
@@ -23,8 +24,10 @@ class OmniMAEPretrain(OmniMAETask):
     Training logs ``train/loss`` on every step and ``train/loss_{modality}`` (``train/probe_acc_{modality}``) on
     that modality's steps only. Validation and test log ``{stage}/loss_{modality}`` beside
     ``{stage}/loss_{modality}_baseline``, the loss of predicting every hidden patch's mean on the same inputs and
-    masks (a little under 1): the figure to beat. Both are means over readable samples: a placeholder never
-    counts as a perfect reconstruction (``BadSampleReport`` stops a run whose data is mostly placeholders).
+    masks (a little under 1; flat patches have zero targets and lower it): the figure to beat. Video adds
+    ``{stage}/loss_video_copy_nearest``, the loss of copying each hidden patch from the nearest visible time step
+    (:func:`~omnimae_pl.models.losses.copy_nearest_visible`). All are means over readable samples: a placeholder
+    never counts as a perfect reconstruction (``BadSampleReport`` stops a run whose data is mostly placeholders).
 
     Args:
         size: named model size (tiny, small, base, large, huge).
@@ -117,8 +120,17 @@ class OmniMAEPretrain(OmniMAETask):
         readable = int(valid.sum())  # evaluation only: the read of the device costs nothing here
         # What predicting every hidden patch's mean (zero in the normalised space) scores on the same inputs
         # and masks: a loss that stays on it means the decoder has learnt nothing for this modality.
-        baseline = self.model.forward_loss(x, torch.zeros_like(pred), mask, valid)
-        for name, value in ((f"{stage}/loss_{modality}", loss), (f"{stage}/loss_{modality}_baseline", baseline)):
+        figures = {
+            f"{stage}/loss_{modality}": loss,
+            f"{stage}/loss_{modality}_baseline": self.model.forward_loss(x, torch.zeros_like(pred), mask, valid),
+        }
+        if x.ndim == 5:
+            # A clip also gets the score of copying each hidden patch from the nearest visible time step: what
+            # a model that only copies in time, ignoring motion, would reach.
+            grid = token_grid(x.shape[1:], self.model.patch_size)
+            copied = copy_nearest_visible(self.model.forward_target(x), mask, grid)
+            figures[f"{stage}/loss_{modality}_copy_nearest"] = self.model.forward_loss(x, copied, mask, valid)
+        for name, value in figures.items():
             log_epoch_mean(self, name, value, readable)
         if modality in self.probes and bool((batch["label"] >= 0).any()):  # a labelled source (padding copies labels)
             _, acc = self._probe(latent, batch, modality)
@@ -169,12 +181,6 @@ class OmniMAEPretrain(OmniMAETask):
     def configure_optimizers(self):
         facts = self.schedule_facts()
         peak_lr = self.peak_lr(facts)
-        rank_zero_info(
-            f"OmniMAE pretraining: peak lr {peak_lr:.3g} = base lr {self.hparams.base_lr:g} x "
-            f"{max(facts['global_batch'].values())} / 256; "
-            f"global batch per modality {facts['global_batch']}; {facts['steps_per_epoch']} steps per epoch; "
-            f"{facts['total_steps']} steps in the schedule"
-        )
         groups = param_groups(self.model.named_parameters(), self.hparams.weight_decay)
         if len(self.probes):
             groups.append({"name": "probe", "params": list(self.probes.parameters()), "weight_decay": 0.0,

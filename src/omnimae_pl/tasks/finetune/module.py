@@ -269,13 +269,9 @@ class OmniMAEFinetune(OmniMAETask):
             self.model.named_parameters(), hp.weight_decay, layer_decay, self.layer_of, len(self.model.encoder.blocks),
             hp.layer_decay_rule,
         )
-        global_batch = max(facts["global_batch"].values())  # one modality
-        how = f"lr {peak:.3g}" if hp.lr is not None else f"{peak:.3g} = base lr {hp.base_lr:g} x {global_batch} / 256"
-        rank_zero_info(
-            f"OmniMAE fine-tuning: peak {how}; global batch {global_batch}; "
-            f"{facts['steps_per_epoch']} steps per epoch, {facts['total_steps']} in the schedule; "
-            f"layer decay {layer_decay} ({hp.layer_decay_rule} rule), {len(groups)} parameter groups"
-        )
+        # the start-up summary reports the lr, batch and steps; layer decay is fine-tuning's own
+        rank_zero_info(f"OmniMAE fine-tuning: layer decay {layer_decay} ({hp.layer_decay_rule} rule), "
+                       f"{len(groups)} parameter groups")
         return self.adamw_warmup_cosine(
             groups, peak, facts["total_steps"], hp.warmup_fraction, hp.warmup_start_lr, hp.min_lr,
             rebase_cosine=True, betas=tuple(hp.betas), eps=hp.eps,

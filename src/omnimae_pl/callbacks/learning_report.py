@@ -1,0 +1,63 @@
+"""Did the pretraining learn? At the end of ``fit``, the last validation's loss of each modality against what
+predicting every hidden patch's mean scores (``_baseline``) and, for video, what copying each hidden patch from
+the nearest visible time step scores (``_copy_nearest``), with a pass / fail per modality."""
+
+from __future__ import annotations
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from omnimae_pl.errors import check_value
+
+STAGE = "val"
+
+
+def learning_report(metrics: dict[str, float], max_ratio: float) -> tuple[list[str], bool]:
+    """Table lines for every modality with ``val/loss_<modality>`` and its baseline in ``metrics``, and whether
+    all pass: loss <= ``max_ratio`` x baseline and, where the copy-nearest reference is there, loss below it."""
+    lines = [f"  {'modality':<9}{'loss':>8}{'baseline':>10}{'ratio':>7}{'copy-nearest':>14}  target"]
+    passed = True
+    modalities = sorted(k[len(STAGE) + 6 : -9] for k in metrics if k.startswith(f"{STAGE}/loss_") and k.endswith("_baseline"))
+    for modality in modalities:
+        key = f"{STAGE}/loss_{modality}"
+        if key not in metrics:
+            continue
+        loss, baseline, copy = metrics[key], metrics[f"{key}_baseline"], metrics.get(f"{key}_copy_nearest")
+        ratio = loss / baseline if baseline > 0 else float("inf")
+        ok = ratio <= max_ratio and (copy is None or loss < copy)
+        passed &= ok
+        target = f"ratio <= {max_ratio:g}" + ("" if copy is None else ", loss < copy-nearest")
+        copy_text = "-" if copy is None else f"{copy:.4f}"
+        lines.append(f"  {modality:<9}{loss:>8.4f}{baseline:>10.4f}{ratio:>7.3f}{copy_text:>14}  {target}: "
+                     f"{'pass' if ok else 'FAIL'}")
+    return lines, passed and bool(modalities)
+
+
+class LearningReport(Callback):
+    """Prints :func:`learning_report` of the last validation once training ends (rank 0), saying at which step
+    that validation ran; nothing when the run never validated.
+
+    Args:
+        max_ratio: the largest ``loss / baseline`` that passes (0.9: the loss is at least 10 % below the mean).
+    """
+
+    def __init__(self, max_ratio: float = 0.9) -> None:
+        check_value(0 < max_ratio <= 1, "LearningReport.max_ratio", max_ratio, "must be in (0, 1]")
+        self.max_ratio = max_ratio
+        self._metrics: dict[str, float] = {}
+        self._step: int | None = None
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._step = trainer.global_step
+        self._metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{STAGE}/loss_")}
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._step is None:
+            return
+        lines, passed = learning_report(self._metrics, self.max_ratio)
+        when = f"step {self._step} of {trainer.global_step}"
+        verdict = "it learnt on every modality" if passed else "it did NOT learn on every modality"
+        print("\n".join(["", f"Learning check (validation at {when}, fixed masks): {verdict}", *lines]), flush=True)

@@ -1,0 +1,86 @@
+"""The end-of-run learning check: each validation loss against its baseline and the copy-nearest reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from omnimae_pl.callbacks.learning_report import LearningReport, learning_report
+from omnimae_pl.errors import ConfigError
+from omnimae_pl.frozen_probe import logistic_probe, pooled_features, random_encoder, report
+from omnimae_pl.models import omnimae_pretrain
+
+PASSING = {"val/loss_image": 0.54, "val/loss_image_baseline": 0.70,
+           "val/loss_video": 0.45, "val/loss_video_baseline": 0.56, "val/loss_video_copy_nearest": 0.66}
+
+
+def test_a_run_that_learnt_passes():
+    lines, passed = learning_report(PASSING, 0.9)
+    assert passed
+    image, video = lines[1], lines[2]
+    assert image.split()[:4] == ["image", "0.5400", "0.7000", "0.771"] and image.endswith("pass")
+    assert video.split()[:5] == ["video", "0.4500", "0.5600", "0.804", "0.6600"] and video.endswith("pass")
+
+
+@pytest.mark.parametrize("change", [
+    {"val/loss_image": 0.64},               # 0.914 of the baseline
+    {"val/loss_video": 0.5},                # 0.893 of the baseline, but
+    {"val/loss_video_copy_nearest": 0.44},  # copying in time does better
+])
+def test_each_target_can_fail(change):
+    metrics = dict(PASSING, **change)
+    if "val/loss_video" in change:
+        metrics["val/loss_video_copy_nearest"] = 0.49  # below the loss
+    lines, passed = learning_report(metrics, 0.9)
+    assert not passed and any(line.endswith("FAIL") for line in lines)
+
+
+def test_nothing_validated_is_no_pass():
+    assert learning_report({}, 0.9) == ([learning_report({}, 0.9)[0][0]], False)
+
+
+def test_bad_ratio_is_a_config_error():
+    with pytest.raises(ConfigError, match="max_ratio"):
+        LearningReport(max_ratio=1.5)
+
+
+def test_probe_separates_what_is_separable_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    x = torch.randn(200, 16, generator=g) + 3 * nn.functional.one_hot(y, 16).float()
+    yv = torch.arange(80) % 4
+    xv = torch.randn(80, 16, generator=g) + 3 * nn.functional.one_hot(yv, 16).float()
+    assert logistic_probe((x, y), (xv, yv), 4) > 0.9
+    noise = torch.randn(200, 16, generator=g)
+    assert logistic_probe((noise, y), (torch.randn(80, 16, generator=g), yv), 4) < 0.5
+
+
+def test_random_encoder_is_fresh_and_seeded():
+    encoder = omnimae_pretrain("tiny", img_size=16, num_frames=4, patch_size=(2, 8, 8), depth=1).encoder
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(1.0)  # "trained"
+    a, b = random_encoder(encoder, 0), random_encoder(encoder, 0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.blocks[0].attn.qkv.weight, encoder.blocks[0].attn.qkv.weight)
+    assert torch.equal(a.pos_embed, encoder.pos_embed)  # the fixed table is no weight
+
+
+def test_pooled_features_skip_the_final_norm_and_placeholders():
+    encoder = omnimae_pretrain("tiny", img_size=16, num_frames=4, patch_size=(2, 8, 8), depth=1).encoder.eval()
+    x = torch.randn(3, 3, 16, 16)
+    batch = {"input": x, "label": torch.tensor([0, 1, -1]), "valid": torch.tensor([True, False, True])}
+    feats, labels = pooled_features(encoder, [batch])
+    assert labels.tolist() == [0]
+    with torch.no_grad():
+        tokens = encoder.prepare_tokens(x[:1])
+        for block in encoder.blocks:
+            tokens = block(tokens)
+    assert torch.allclose(feats, tokens.mean(dim=1), atol=1e-6)
+    assert not isinstance(encoder.norm, nn.Identity)  # the encoder itself is left as it was
+
+
+def test_probe_report():
+    lines, passed = report({"image": {"pretrained": 0.4, "random": 0.3}, "video": {"pretrained": 0.9, "random": 0.95}})
+    assert not passed and lines[1].endswith("pass") and lines[2].endswith("FAIL")
