@@ -40,6 +40,7 @@ def run_config(demo_root: Path, tmp_path: Path, **trainer) -> Path:
             "max_epochs": None,
             "log_every_n_steps": 1,
             "val_check_interval": 2,
+            "check_val_every_n_epoch": 1,  # configs/demo.yaml validates every 10 epochs
             "limit_val_batches": 1,
             "limit_test_batches": 1,
             "enable_progress_bar": False,
