@@ -36,6 +36,7 @@ class _SourceCounts:
     failures: Counter = field(default_factory=Counter)  # dataset index -> batches in which it failed
     reasons: dict[int, str] = field(default_factory=dict)  # dataset index -> why it failed, the last time
     unreported: set[int] = field(default_factory=set)  # failed since the last take_failed()
+    cpu_decoded: int | None = None  # rows decoded on a CPU instead of the device; None: no device decoding
 
 
 class BadSampleTracker:
@@ -77,6 +78,20 @@ class BadSampleTracker:
         if counts.seen >= min(self.min_samples, counts.size):
             self._judge(name)
 
+    def count_decoded(self, name: str, cpu_decoded: int, failed: Mapping[int, str]) -> None:
+        """After a batch that :meth:`update` counted was decoded on the device (``data.device_decode``):
+        ``cpu_decoded`` of its rows were decoded on a CPU instead, ``failed`` ({index: why}) became
+        placeholders there; they count as the invalid rows of :meth:`update` do."""
+        counts = self._sources[name]
+        counts.cpu_decoded = (counts.cpu_decoded or 0) + cpu_decoded
+        if failed:
+            counts.invalid += len(failed)
+            counts.failures.update(failed.keys())
+            counts.unreported |= set(failed)
+            counts.reasons.update(failed)
+            if counts.seen >= min(self.min_samples, counts.size):
+                self._judge(name)
+
     def check(self) -> None:
         """Judge every source on what it saw so far, however few samples (the end of an evaluation)."""
         for name, c in self._sources.items():
@@ -89,12 +104,15 @@ class BadSampleTracker:
             self._sources[name] = _SourceCounts(c.describe, c.size)
 
     def counts(self) -> dict[str, float]:
-        """``<source>/invalid``, ``<source>/seen`` and ``<source>/invalid_fraction`` for every source, for logging."""
+        """``<source>/invalid``, ``<source>/seen`` and ``<source>/invalid_fraction`` for every source, for logging;
+        ``<source>/cpu_decoded`` for those decoded on the device (:meth:`count_decoded`)."""
         out: dict[str, float] = {}
         for name, c in self._sources.items():
             out[f"{name}/invalid"] = float(c.invalid)
             out[f"{name}/seen"] = float(c.seen)
             out[f"{name}/invalid_fraction"] = c.invalid / c.seen if c.seen else 0.0
+            if c.cpu_decoded is not None:
+                out[f"{name}/cpu_decoded"] = float(c.cpu_decoded)
         return out
 
     def worst(self, name: str, k: int | None = None) -> list[tuple[str, int]]:
@@ -112,7 +130,8 @@ class BadSampleTracker:
     def state_dict(self) -> dict[str, Any]:
         return {
             name: {"seen": c.seen, "invalid": c.invalid, "failures": dict(c.failures), "reasons": dict(c.reasons),
-                   "unreported": sorted(c.unreported)}
+                   "unreported": sorted(c.unreported),
+                   **({} if c.cpu_decoded is None else {"cpu_decoded": c.cpu_decoded})}
             for name, c in self._sources.items()
         }
 
@@ -124,6 +143,7 @@ class BadSampleTracker:
             c.failures = Counter({int(i): int(n) for i, n in saved.get("failures", {}).items()})
             c.reasons = {int(i): str(r) for i, r in saved.get("reasons", {}).items()}
             c.unreported = {int(i) for i in saved.get("unreported", [])}
+            c.cpu_decoded = int(saved["cpu_decoded"]) if "cpu_decoded" in saved else None
 
     def _judge(self, name: str) -> None:
         c = self._sources[name]

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from omnimae_pl.data.bad_samples import BadSampleTracker
 from omnimae_pl.data.device_augment import is_uint8_batch, to_float_batch
+from omnimae_pl.data.device_decode import decode_images
 from omnimae_pl.data.eval_shard import EvalShard
 from omnimae_pl.data.imagenet import ImageNet
 from omnimae_pl.data.interleave import InterleaveSampler, ModalityInterleaver, Source
@@ -136,10 +137,12 @@ class _SourcesDataModule(LightningDataModule):
         eval_views: tuple[int, int, int | None] = (1, 1, None),
         fraction: float | None = None,
         augment_on: str = "worker",
+        decode_on: str = "worker",
     ) -> Dataset:
         """The dataset of one source and split, built once. ``eval_views``: video (clips, crops, short side);
         ``fraction``: keep a class-balanced share of the items (``label_fraction``); ``augment_on``: where the
-        training crops are resized and normalised (``device_augment``). A folder or file that is
+        training crops are resized and normalised (``device_augment``); ``decode_on``: where training JPEGs are
+        decoded (``device_decode``; image sources). A folder or file that is
         missing, empty or inconsistent raises a UserError that names the source's key."""
         if (cfg.name, split) in self._datasets:
             return self._datasets[cfg.name, split]
@@ -151,7 +154,7 @@ class _SourcesDataModule(LightningDataModule):
                         "must be an existing folder (of the something-something-v2-*.json files)")
         try:
             dataset = self._build_dataset(
-                cfg, split, train, masking, replicas, crop_ratio, transform, eval_views, augment_on
+                cfg, split, train, masking, replicas, crop_ratio, transform, eval_views, augment_on, decode_on
             )
         except UserError as err:
             raise type(err)(f"{where} ({cfg.kind} {cfg.name!r}, split {split!r}): {err}") from err
@@ -174,12 +177,13 @@ class _SourcesDataModule(LightningDataModule):
         transform: Callable | None,
         eval_views: tuple[int, int, int | None],
         augment_on: str,
+        decode_on: str = "worker",
     ) -> Dataset:
         if cfg.modality == "image":
             image: dict[str, Any] = {
                 "train": train, "img_size": self.img_size, "scale": self.image_scale, "crop_ratio": crop_ratio,
                 "transform": transform if train else None, "masking": masking, "patch_size": self.patch_size,
-                "seed": self.seed, "augment_on": augment_on,
+                "seed": self.seed, "augment_on": augment_on, "decode_on": decode_on,
             }
             if cfg.kind == "litdata":
                 return ImageShards(cfg.root, split, cache_dir=cfg.cache_dir, **image)
@@ -286,6 +290,12 @@ class PretrainDataModule(_SourcesDataModule):
             and resized, each video clip once with its replicas' boxes; ``on_after_batch_transfer`` finishes
             them on the device, see ``data.device_augment``). The same draws either way; validation and test
             batches are always made by the workers.
+        image_decode: where the training JPEGs of image sources are decoded: "worker" (PIL) or "device"
+            (needs ``augment_on: device``): the workers read the files and their headers only and ship the
+            bytes; ``on_after_batch_transfer`` decodes them in one ``torchvision.io.decode_jpeg`` call on the
+            batch's device (nvJPEG on a GPU), then crops and resizes (``data.device_decode``). Files it does not
+            take (PNG behind .JPEG, CMYK, truncated) are decoded on a CPU instead and counted:
+            ``data/cpu_decoded_<source>`` in the logs, beside ``data/invalid_<source>``.
 
     Validation masks and crops are the same every epoch. ``val_dataloader`` returns one loader per validated
     source (Lightning passes ``dataloader_idx``; every batch carries ``modality`` and ``source``).
@@ -316,6 +326,7 @@ class PretrainDataModule(_SourcesDataModule):
         max_invalid_fraction: float = 0.1,
         video_backend: VideoBackend = "pyav",
         augment_on: Literal["worker", "device"] = "worker",
+        image_decode: Literal["worker", "device"] = "worker",
     ) -> None:
         super().__init__(
             img_size=img_size, num_frames=num_frames, clip_duration=clip_duration, short_side=short_side,
@@ -326,6 +337,10 @@ class PretrainDataModule(_SourcesDataModule):
         check_sources(sources)
         check_value(augment_on in ("worker", "device"), f"{KEY}.augment_on", augment_on,
                     "must be 'worker' or 'device' (where the training crops are resized and normalised)")
+        check_value(image_decode in ("worker", "device"), f"{KEY}.image_decode", image_decode,
+                    "must be 'worker' or 'device' (where the training JPEGs are decoded)")
+        check_value(image_decode == "worker" or augment_on == "device", f"{KEY}.image_decode", image_decode,
+                    f"needs {KEY}.augment_on: device (the crop is cut on the device, after the decode)")
         check_value(image_batch_size >= 1, f"{KEY}.image_batch_size", image_batch_size, "must be an integer >= 1")
         check_value(video_batch_size >= 1, f"{KEY}.video_batch_size", video_batch_size, "must be an integer >= 1")
         check_value(replicas >= 1, f"{KEY}.replicas", replicas,
@@ -344,6 +359,7 @@ class PretrainDataModule(_SourcesDataModule):
         self.val_batch_size = val_batch_size
         self.val_samples = val_samples
         self.augment_on = augment_on
+        self.image_decode = image_decode
 
     def _source_key(self, cfg: SourceConfig) -> str:
         return f"{KEY}.sources[{[c.name for c in self.sources].index(cfg.name)}]"
@@ -401,10 +417,16 @@ class PretrainDataModule(_SourcesDataModule):
 
     def _train_dataset(self, cfg: SourceConfig) -> Dataset:
         replicas = self.replicas if cfg.modality == "video" else 1
-        return self._dataset(cfg, cfg.split, True, self.masking[cfg.modality], replicas, augment_on=self.augment_on)
+        decode_on = self.image_decode if cfg.modality == "image" else "worker"
+        return self._dataset(cfg, cfg.split, True, self.masking[cfg.modality], replicas, augment_on=self.augment_on,
+                             decode_on=decode_on)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """A uint8 training batch (``augment_on="device"``) -> the float batch of ``data.sample``, on its device."""
+        """A uint8 training batch (``augment_on="device"``) -> the float batch of ``data.sample``, on its device;
+        its JPEGs decoded first (``image_decode="device"``), the CPU-decoded and unreadable rows counted."""
+        if "jpeg" in batch:
+            batch, cpu_decoded, failed = decode_images(batch, self.img_size)
+            self.bad_samples.count_decoded(batch["source"], cpu_decoded, failed)
         return to_float_batch(batch, self.img_size) if is_uint8_batch(batch) else batch
 
     def _train_sources(self) -> list[Source]:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
+from omnimae_pl.data.sample import EncodedImages
 
 Box = tuple[int, int, int, int]  # top, left, height, width in source pixels
 
@@ -99,5 +100,6 @@ def to_float_batch(batch: dict, size: int) -> dict:
 
 
 def transfer_bytes(batch: dict) -> int:
-    """Bytes of the tensors in ``batch``: what moving it to the device copies (boxes are host ints)."""
-    return sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor))
+    """Bytes of the tensors in ``batch``: what moving it to the device copies (boxes are host ints), plus the
+    encoded JPEGs of ``image_decode="device"``, which ``decode_jpeg`` copies there."""
+    return sum(v.nbytes for v in batch.values() if isinstance(v, (torch.Tensor, EncodedImages)))

@@ -122,12 +122,16 @@ class RandomResizedCropFlip:
         out, flip = self.crop_uint8(image, generator)
         return normalise(F.horizontal_flip(out) if flip else out)
 
+    def draw(self, width: int, height: int, generator: torch.Generator) -> tuple[Box, bool]:
+        """The random draws for an image of ``width`` x ``height``: its crop box (full-size pixels) and whether
+        to flip; every path (``__call__``, ``crop_uint8``, the device-side decode) cuts what these give."""
+        box = random_resized_crop_box(height, width, self.scale, self.ratio, generator)
+        return box, bool(torch.rand((), generator=generator) < self.hflip_prob)
+
     def crop_uint8(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
         """The worker's share of the transform: the resized crop as uint8 (3, size, size) and whether to flip
         it (the same draws as ``__call__``); flip and normalise are left to ``device_augment``."""
-        width, height = image.size
-        box = random_resized_crop_box(height, width, self.scale, self.ratio, generator)
-        flip = bool(torch.rand((), generator=generator) < self.hflip_prob)
+        box, flip = self.draw(*image.size, generator)
         top, left, h, w = draft_for_box(image, box, self.size, self.size)
         out = F.resized_crop(
             decode_rgb(image), top, left, h, w, [self.size, self.size],

@@ -48,6 +48,10 @@ class ImageNet(Dataset):
     callable ``(PIL image, generator) -> (3, img_size, img_size) tensor``), the hook for fine-tuning augmentation.
     ``augment_on="device"`` (training with the default transform only): samples hold the uint8 crop and its
     ``flip``; ``device_augment`` flips and normalises them on the device (see ``sample.py``).
+    ``decode_on="device"`` (with ``augment_on="device"``): the worker reads the file and its header only and
+    ships the JPEG bytes with the crop box and flip drawn from the header's size, the same draws as the worker
+    path; ``device_decode`` decodes, crops and resizes them. Files the device's decoder does not take (see
+    :func:`device_decodable`) are decoded here as with ``decode_on="worker"``.
     """
 
     modality = "image"
@@ -69,6 +73,7 @@ class ImageNet(Dataset):
         val_labels: str | os.PathLike | None = None,
         synsets: str | os.PathLike | None = None,
         augment_on: str = "worker",
+        decode_on: str = "worker",
     ) -> None:
         self._load_items(root, split, val_labels, synsets)
         if train is None:
@@ -77,7 +82,12 @@ class ImageNet(Dataset):
             raise ValueError(f"augment_on must be 'worker' or 'device', got {augment_on!r}")
         if augment_on == "device" and not (train and transform is None):
             raise ValueError("augment_on='device' needs the default training transform (RandomResizedCropFlip)")
+        if decode_on not in ("worker", "device"):
+            raise ValueError(f"decode_on must be 'worker' or 'device', got {decode_on!r}")
+        if decode_on == "device" and augment_on != "device":
+            raise ValueError("decode_on='device' needs augment_on='device' (the crop is cut after the decode)")
         self.augment_on = augment_on
+        self.decode_on = decode_on
         if transform is None:
             transform = (
                 RandomResizedCropFlip(img_size, scale=scale, hflip_prob=hflip_prob, interpolation=interpolation)
@@ -147,25 +157,45 @@ class ImageNet(Dataset):
         label = int(self.labels[index])
         error = ""
         device = self.augment_on == "device"
+        encoded = self.decode_on == "device"
         extra = {}
         try:
-            with Image.open(self.encoded(index)) as image:
-                generator = sample_generator(self.seed, epoch, index, "crop")
-                if device:
-                    pixels, flip = self.transform.crop_uint8(image, generator)
-                    extra["flip"] = torch.tensor(flip)
-                else:
-                    pixels = self.transform(image, generator)
+            generator = sample_generator(self.seed, epoch, index, "crop")
+            if encoded:
+                pixels, extra = self._read_encoded(index, generator)
+            else:
+                with Image.open(self.encoded(index)) as image:
+                    if device:
+                        pixels, flip = self.transform.crop_uint8(image, generator)
+                        extra["flip"] = torch.tensor(flip)
+                    else:
+                        pixels = self.transform(image, generator)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
             # OSError: missing, empty, truncated and non-image files; PIL's plugins raise the others on
             # corrupt headers and chunks.
-            pixels = _mean_image(self.img_size, device)
+            pixels = mean_image(self.img_size, device)
             extra = {"flip": torch.tensor(False)} if device else {}
+            if encoded:
+                extra["jpeg"] = _NO_BYTES
             error = failure_reason(err)
         mask_generator = sample_generator(self.seed, epoch, index, "mask") if self.masking is not None else None
         return make_sample(
-            pixels, label, not error, index, self.masking, self.patch_size, mask_generator, error, **extra
+            pixels, label, not error, index, self.masking, self.patch_size, mask_generator, error,
+            (3, self.img_size, self.img_size) if pixels is None else None, **extra,
         )
+
+    def _read_encoded(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor | None, dict]:
+        """``decode_on="device"``: (None, the file's bytes as ``jpeg``, the crop ``box`` and ``flip``) for a file
+        the device decodes; (the uint8 crop, an empty ``jpeg`` and ``flip``) for one decoded here instead."""
+        with Image.open(self.encoded(index)) as image:  # the header only: size, format, mode
+            image.fp.seek(0)  # then the whole file (a decode here seeks to its data itself)
+            data = image.fp.read()
+            if device_decodable(image, data):
+                box, flip = self.transform.draw(*image.size, generator)
+                jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return None, {"jpeg": jpeg, "box": box, "flip": torch.tensor(flip)}
+            pixels, flip = self.transform.crop_uint8(image, generator)
+            return pixels, {"jpeg": _NO_BYTES, "flip": torch.tensor(flip)}
 
     def _list_samples(
         self, split_dir: Path, val_labels: str | os.PathLike | None, synset_order: list[str] | None
@@ -213,7 +243,18 @@ class ImageNet(Dataset):
         return self.class_to_idx[wnid]
 
 
-def _mean_image(size: int, uint8: bool) -> torch.Tensor:
+def device_decodable(image: Image.Image, data: bytes) -> bool:
+    """Whether nvJPEG (``torchvision.io.decode_jpeg``) can take this file, judged from its header and bytes:
+    JPEG content whatever the name (a PNG behind .JPEG is not), greyscale or YCbCr (CMYK / YCCK are not),
+    and complete (it ends with the end-of-image marker: a truncated file is left to the worker's decoder, which
+    turns it into a placeholder here, before it reaches the device)."""
+    return image.format == "JPEG" and image.mode in ("L", "RGB") and data.rstrip(b"\0").endswith(b"\xff\xd9")
+
+
+_NO_BYTES = torch.empty(0, dtype=torch.uint8)  # the ``jpeg`` of a sample the worker decoded
+
+
+def mean_image(size: int, uint8: bool) -> torch.Tensor:
     """A placeholder's input: the mean image, as uint8 (device augmentation) or normalised (zeros)."""
     if not uint8:
         return torch.zeros(3, size, size)

@@ -27,6 +27,13 @@ turns them into the batch above once on the device:
             The batch holds each clip once, ``clip`` uint8 (N, T, Hmax, Wmax, 3) zero-padded to the largest,
             ``clip_size`` int64 (N, 2) each clip's own (H, W), and per replica ``clip_index`` (its clip) and
             ``box``: lists of plain ints, which stay on the host, so the device op reads them without a sync
+
+and with ``image_decode="device"`` as well, image samples leave the JPEG decode to ``device_decode``: each
+carries ``jpeg``, its file's bytes (uint8, 1-D), with its crop ``box`` in full-size pixels and ``flip``, and no
+``input``; a file the device's decoder does not take (not a JPEG, not L / RGB, truncated) is decoded by the
+worker as above and carries an empty ``jpeg`` beside its uint8 ``input``. The batch holds ``jpeg``, one
+:class:`EncodedImages` for all rows, ``box`` per row (None where the worker decoded), and ``input`` uint8
+(K, 3, H, W) of the K worker-decoded rows only, in row order (absent when K is 0)
 """
 
 from __future__ import annotations
@@ -68,12 +75,43 @@ def make_sample(
     return sample
 
 
+class EncodedImages:
+    """The ``jpeg`` of a batch: every row's file bytes in one uint8 tensor (one shared-memory hand-over from the
+    worker instead of one per file) and each row's length, 0 for a row the worker decoded (``cpu_decoded`` of
+    those were readable). Neither a tensor nor a collection, so Lightning leaves it on the host: that is where
+    ``torchvision.io.decode_jpeg`` takes its input, also when it decodes on the GPU."""
+
+    def __init__(self, data: torch.Tensor, sizes: list[int], cpu_decoded: int) -> None:
+        self.data, self.sizes, self.cpu_decoded = data, sizes, cpu_decoded
+
+    @classmethod
+    def join(cls, files: list[torch.Tensor], cpu_decoded: int) -> EncodedImages:
+        return cls(torch.cat(files), [len(f) for f in files], cpu_decoded)
+
+    def files(self) -> list[torch.Tensor | None]:
+        """Per row its bytes (a view, uint8 1-D), None where the worker decoded."""
+        return [f if len(f) else None for f in torch.split(self.data, self.sizes)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
 def collate_samples(items: list, modality: str, source: str) -> dict:
     """Stack samples into a batch; a list item (replicas of one clip) is flattened in place."""
     flat: list[dict] = []
     for item in items:
         flat.extend(item if isinstance(item, list) else [item])
-    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in flat]) for k in (*SAMPLE_KEYS, "flip") if k in flat[0]}
+    encoded = "jpeg" in flat[0]
+    keys = [k for k in (*SAMPLE_KEYS, "flip") if k in flat[0] and not (encoded and k == "input")]
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in flat]) for k in keys}
+    if encoded:
+        batch["jpeg"] = EncodedImages.join(
+            [s["jpeg"] for s in flat], sum(1 for s in flat if not len(s["jpeg"]) and bool(s["valid"]))
+        )
+        batch["box"] = [tuple(s["box"]) if len(s["jpeg"]) else None for s in flat]
+        if crops := [s["input"] for s in flat if not len(s["jpeg"])]:
+            batch["input"] = torch.stack(crops)
     if "clip" in flat[0]:
         firsts = [item[0] if isinstance(item, list) else item for item in items]
         batch["clip"], batch["clip_size"] = pad_clips([s["clip"] for s in firsts])

@@ -24,7 +24,8 @@ class BadSampleReport(Callback):
     """What the datamodule's bad-sample trackers saw; the tasks add it themselves (``configure_callbacks``).
 
     * Training: ``data/invalid_<source>``, the running total of a source's unreadable samples, logged on that
-      source's steps only, so its last value is the true count so far (summing rows would count twice).
+      source's steps only, so its last value is the true count so far (summing rows would count twice); with
+      ``image_decode: device`` also ``data/cpu_decoded_<source>``, the files decoded on a CPU instead.
     * Evaluation: every batch is counted against the same ``max_invalid_fraction`` as training, and each
       validation or test run is judged at its end on what it saw, however few samples: an evaluation of mostly
       unreadable files stops with ``TooManyInvalidSamplesError`` naming the source and the files instead of
@@ -43,8 +44,13 @@ class BadSampleReport(Callback):
         tracker = _tracker(trainer, "bad_samples")
         source = batch["source"]
         if tracker is not None and source in tracker.sources:
-            # the interleaver counted this batch before handing it over: the total includes it
-            log_this_step(pl_module, {f"data/invalid_{source}": tracker.counts()[f"{source}/invalid"]})
+            # the interleaver counted this batch before handing it over: the total includes it (and the device
+            # decode, in on_after_batch_transfer, what it decoded on a CPU or could not decode)
+            counts = tracker.counts()
+            logged = {f"data/invalid_{source}": counts[f"{source}/invalid"]}
+            if f"{source}/cpu_decoded" in counts:
+                logged[f"data/cpu_decoded_{source}"] = counts[f"{source}/cpu_decoded"]
+            log_this_step(pl_module, logged)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._report(trainer, "train", _tracker(trainer, "bad_samples"))
