@@ -162,7 +162,7 @@ class ImageNet(Dataset):
         try:
             generator = sample_generator(self.seed, epoch, index, "crop")
             if encoded:
-                pixels, extra = self._read_encoded(index, generator)
+                pixels, extra = self.read_encoded(index, generator)
             else:
                 with Image.open(self.encoded(index)) as image:
                     if device:
@@ -184,7 +184,7 @@ class ImageNet(Dataset):
             (3, self.img_size, self.img_size) if pixels is None else None, **extra,
         )
 
-    def _read_encoded(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor | None, dict]:
+    def read_encoded(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor | None, dict]:
         """``decode_on="device"``: (None, the file's bytes as ``jpeg``, the crop ``box`` and ``flip``) for a file
         the device decodes; (the uint8 crop, an empty ``jpeg`` and ``flip``) for one decoded here instead."""
         with Image.open(self.encoded(index)) as image:  # the header only: size, format, mode
