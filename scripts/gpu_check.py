@@ -7,7 +7,8 @@ Sections (docs/gpu_check.md says what each shows and the goals it is judged agai
   a. ``omnimae-cli fit`` on the demo data, bf16-mixed + compile, ~50 steps of both modalities
   b. configs/trainer/fsdp.yaml (FSDP1) and fsdp2.yaml with ViT-H on one device: peak memory, step time
   c. model-only samples/s and MFU, ViT-B / L / H, eager and compiled, decoder head padding, CUDA graphs
-  d. end-to-end ViT-B against model-only, worker-side and (where the datamodule has it) device-side augmentation
+  d. end-to-end ViT-B against model-only: worker-side augmentation, device-side augmentation and device-side
+     augmentation with the JPEGs decoded on the device (each where the datamodule has the option)
   e. DDP on one process: the probe-touch fix against ``find_unused_parameters=True``, steps/s
   f. the ViT-H compile, in its own process; a crash is recorded with its first error line
 
@@ -45,7 +46,7 @@ TITLES = {
 }
 RUN_ORDER = "cafbde"  # most wanted first: what a short budget leaves out comes last
 # (GPU, smoke): the smoke's sections share two loaded cores side by side, so its caps only catch hangs
-CAPS = {"a": (90, 240), "b": (150, 240), "c": (270, 240), "d": (80, 240), "e": (90, 240), "f": (110, 240)}
+CAPS = {"a": (90, 240), "b": (150, 240), "c": (270, 240), "d": (120, 240), "e": (90, 240), "f": (110, 240)}
 MFU_GOAL = {"base": 0.40, "large": 0.45, "huge": 0.50}
 E2E_GOAL = 0.90  # end-to-end ViT-B samples/s over model-only at the same mix
 COMPILE_GOAL = 1.15  # ViT-L video compiled over eager
@@ -345,8 +346,12 @@ def bench_command(s: Section, name: str, size: str, extra: list[str]) -> tuple[l
     return [s.ctx["python"], "-m", "omnimae_pl", "bench", *base, *extra, "--json", str(out)], out
 
 
-def run_bench(s: Section, name: str, size: str, extra: list[str], timeout: float) -> dict | None:
+def run_bench(s: Section, name: str, size: str, extra: list[str], timeout: float,
+              launcher: list[str] | None = None) -> dict | None:
+    """``omnimae-cli bench`` (or ``launcher`` with its arguments); its JSON, None after a failure."""
     cmd, out = bench_command(s, name, size, extra)
+    if launcher:
+        cmd = [*launcher, *cmd[cmd.index("bench") + 1 :]]
     rc, text = s.run(name, cmd, timeout)
     if rc != 0 or not out.exists():
         s.line(f"- `{name}`: {'timed out' if rc == 124 else 'failed: ' + first_error_line(text)}")
@@ -480,11 +485,19 @@ def section_d(s: Section) -> None:
 
     from omnimae_pl.data.datamodule import PretrainDataModule
 
+    end = time.monotonic() + s.ctx["timeout"] - 10
     e2e = ["--end-to-end", "--data-root", s.ctx["demo_root"], "--workers", str(s.ctx["workers"])]
-    variants = [("worker", "c_base", None)]
-    # the device-side path, where the datamodule has it: the one line that decides whether it runs
-    if "augment_on" in inspect.signature(PretrainDataModule).parameters:
-        variants.append(("device", "d_base_device", ["--compile", "--no-eager", *e2e, "--augment-on", "device"]))
+    options = inspect.signature(PretrainDataModule).parameters
+    variants = [("worker", "c_base", None, None)]  # (label, run, bench arguments, launcher)
+    # the device-side paths, where the datamodule has them: the lines that decide whether they run
+    if "augment_on" in options:
+        device = ["--compile", "--no-eager", *e2e, "--augment-on", "device"]
+        variants.append(("device", "d_base_device", device, None))
+        if "image_decode" in options:
+            launcher = [s.ctx["python"], str(Path(__file__).resolve()), "--image-decode-device"]
+            variants.append(("device, image_decode device", "d_base_jpeg", device, launcher))
+        else:
+            s.line("- device-side JPEG decoding: not run, PretrainDataModule has no `image_decode` option")
     else:
         s.line("- device-side augmentation: not run, PretrainDataModule has no `augment_on` option")
     s.line(f"{s.ctx['workers']} loader workers per source, {s.ctx['cpus']} CPU cores.")
@@ -494,14 +507,18 @@ def section_d(s: Section) -> None:
     while (s.smoke and "c" in s.ctx["keys"] and not reused.exists() and not _section_ended(s.work, "c")
            and time.monotonic() < deadline):
         time.sleep(1)
-    for augment, name, extra in variants:
-        result = json.loads(reused.read_text()).get(name) if extra is None and reused.exists() else None
-        if extra is None and result is not None:
-            s.line(f"- worker-side augmentation: the end-to-end row of section c's `{name}` run")
-        elif extra is None:
-            extra = ["--compile", *e2e]
-        if result is None:
-            result = run_bench(s, f"d_base_{augment}", "base", extra, s.ctx["timeout"] / len(variants) - 10)
+    results = {}
+    saved = json.loads(reused.read_text()).get("c_base") if reused.exists() else None
+    if saved is not None:
+        s.line("- worker-side augmentation: the end-to-end row of section c's `c_base` run")
+        results["worker"] = saved
+    else:
+        variants[0] = ("worker", "d_base_worker", ["--compile", *e2e], None)
+    to_run = [v for v in variants if v[0] not in results]
+    for k, (augment, name, extra, launcher) in enumerate(to_run):  # they share what is left of the section's time
+        results[augment] = run_bench(s, name, "base", extra, (end - time.monotonic()) / (len(to_run) - k), launcher)
+    for augment, *_ in variants:
+        result = results[augment]
         got = e2e_fraction(result) if result else None
         if got is None:
             s.goal(f"end to end ({augment}) >= {E2E_GOAL:.0%} of model-only", "not measured", False, speed=True)
@@ -665,10 +682,25 @@ def untouched_probes_fit(argv: list[str]) -> None:
     cli.main(argv)
 
 
+def image_decode_bench(argv: list[str]) -> None:
+    """``omnimae-cli bench`` whose end-to-end datamodule decodes its JPEGs on the device (``image_decode:
+    device``), which bench has no flag for: the variant that section d measures."""
+    from omnimae_pl import cli
+    from omnimae_pl.bench import end_to_end
+
+    plain = end_to_end._augment_on
+    end_to_end._augment_on = lambda value: {**plain(value), "image_decode": "device"}
+    print("gpu_check: bench's PretrainDataModule gets image_decode='device'", flush=True)
+    cli.main(["bench", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "--untouched-probes":
         untouched_probes_fit(argv[1:])
+        return 0
+    if argv and argv[0] == "--image-decode-device":
+        image_decode_bench(argv[1:])
         return 0
     p = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_check.md", help="the markdown report")
