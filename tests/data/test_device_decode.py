@@ -83,7 +83,8 @@ def test_same_draws_and_masks_and_the_files_nvjpeg_does_not_take_stay_on_the_wor
             continue
         assert file.numpy().tobytes() == Path(path).read_bytes()
         with Image.open(path) as image:
-            assert (box, encoded["flip"][i].item()) == dataset.transform.draw(*image.size, sample_generator(3, 2, i, "crop"))
+            drawn = dataset.transform.draw(*image.size, sample_generator(3, 2, i, "crop"))
+        assert (box, encoded["flip"][i].item()) == drawn
     for key in ("flip", "mask", "label", "valid", "index"):
         assert torch.equal(decoded[key], worker[key]), key
     assert decoded["errors"] == worker["errors"] and set(names(dataset, worker["errors"])) == UNREADABLE
