@@ -119,16 +119,16 @@ def test_the_digit_moves_as_the_label_says_over_a_plain_background(built):
         dx = xs[last].mean() - xs[first].mean()
         dy = ys[last].mean() - ys[first].mean()
         grows = last.sum() / max(first.sum(), 1)
-        template = row["template"]
+        template = row["template"]  # the digit covers 0.4 of the frame; its visible part's centre a little less
         if "left to right" in template:
-            assert dx > 0.3 * clip.shape[2]
+            assert dx > 0.2 * clip.shape[2]
         elif "right to left" in template:
-            assert dx < -0.3 * clip.shape[2]
+            assert dx < -0.2 * clip.shape[2]
         elif template.endswith("up"):
-            assert dy < -0.3 * clip.shape[1]
+            assert dy < -0.2 * clip.shape[1]
         elif template.endswith("down"):
-            assert dy > 0.3 * clip.shape[1]
+            assert dy > 0.2 * clip.shape[1]
         elif "towards" in template:
-            assert grows > 4
+            assert grows > 1.8  # side 0.55 -> 0.85 of the frame: 2.4x the area
         else:
-            assert grows < 1 / 4
+            assert grows < 1 / 1.8
