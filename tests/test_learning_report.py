@@ -1,4 +1,5 @@
-"""The end-of-run learning check: each validation loss against its baseline and the copy-nearest reference."""
+"""The end-of-run learning check: each validation loss against its baseline and the copy-nearest reference, and
+the frozen linear probe of the encoder against random ones."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 
 from omnimae_pl.callbacks.learning_report import LearningReport, learning_report
 from omnimae_pl.errors import ConfigError
-from omnimae_pl.frozen_probe import logistic_probe, pooled_features, random_encoder, report
+from omnimae_pl.frozen_probe import logistic_probe, random_encoder, report, token_features
 from omnimae_pl.models import omnimae_pretrain
 
 PASSING = {"val/loss_image": 0.54, "val/loss_image_baseline": 0.70,
@@ -67,20 +68,25 @@ def test_random_encoder_is_fresh_and_seeded():
     assert torch.equal(a.pos_embed, encoder.pos_embed)  # the fixed table is no weight
 
 
-def test_pooled_features_skip_the_final_norm_and_placeholders():
+def test_token_features_are_the_last_block_token_map_without_the_final_norm_or_placeholders():
     encoder = omnimae_pretrain("tiny", img_size=16, num_frames=4, patch_size=(2, 8, 8), depth=1).encoder.eval()
     x = torch.randn(3, 3, 16, 16)
     batch = {"input": x, "label": torch.tensor([0, 1, -1]), "valid": torch.tensor([True, False, True])}
-    feats, labels = pooled_features(encoder, [batch])
+    feats, labels = token_features(encoder, [batch])
     assert labels.tolist() == [0]
     with torch.no_grad():
         tokens = encoder.prepare_tokens(x[:1])
         for block in encoder.blocks:
             tokens = block(tokens)
-    assert torch.allclose(feats, tokens.mean(dim=1), atol=1e-6)
+    assert feats.shape == (1, 4 * encoder.embed_dim)  # 2 x 2 tokens of 8 px
+    assert torch.allclose(feats, tokens.flatten(1), atol=1e-6)
     assert not isinstance(encoder.norm, nn.Identity)  # the encoder itself is left as it was
 
 
-def test_probe_report():
-    lines, passed = report({"image": {"pretrained": 0.4, "random": 0.3}, "video": {"pretrained": 0.9, "random": 0.95}})
+def test_probe_report_needs_the_pretrained_encoder_above_every_random_one():
+    lines, passed = report({
+        "image": {"pretrained": 0.4, "random 0": 0.3, "random 1": 0.35},
+        "video": {"pretrained": 0.9, "random 0": 0.85, "random 1": 0.95},
+    })
     assert not passed and lines[1].endswith("pass") and lines[2].endswith("FAIL")
+    assert lines[1].split()[:4] == ["image", "0.400", "0.350", "+0.050"]  # margin over the best random encoder

@@ -1,6 +1,7 @@
 """Did the pretraining learn? At the end of ``fit``, the last validation's loss of each modality against what
 predicting every hidden patch's mean scores (``_baseline``) and, for video, what copying each hidden patch from
-the nearest visible time step scores (``_copy_nearest``), with a pass / fail per modality."""
+the nearest visible time step scores (``_copy_nearest``), with a pass / fail per modality; on the demo data, also
+the frozen linear probe of the trained encoder against random ones (:mod:`omnimae_pl.frozen_probe`)."""
 
 from __future__ import annotations
 
@@ -39,11 +40,14 @@ class LearningReport(Callback):
 
     Args:
         max_ratio: the largest ``loss / baseline`` that passes (0.9: the loss is at least 10 % below the mean).
+        probe_data_root: the demo corpus (``omnimae-cli demo-data --root``): then the frozen linear probe runs
+            too, on one process (under several it prints the ``omnimae-cli frozen-probe`` command instead).
     """
 
-    def __init__(self, max_ratio: float = 0.9) -> None:
+    def __init__(self, max_ratio: float = 0.9, probe_data_root: str | None = None) -> None:
         check_value(0 < max_ratio <= 1, "LearningReport.max_ratio", max_ratio, "must be in (0, 1]")
         self.max_ratio = max_ratio
+        self.probe_data_root = probe_data_root
         self._metrics: dict[str, float] = {}
         self._step: int | None = None
 
@@ -61,3 +65,14 @@ class LearningReport(Callback):
         when = f"step {self._step} of {trainer.global_step}"
         verdict = "it learnt on every modality" if passed else "it did NOT learn on every modality"
         print("\n".join(["", f"Learning check (validation at {when}, fixed masks): {verdict}", *lines]), flush=True)
+        if self.probe_data_root is None:
+            return
+        if trainer.world_size > 1:  # the encoder is sharded or replicated: probe the saved checkpoint instead
+            print(f"Frozen linear probe: run omnimae-cli frozen-probe --data-root {self.probe_data_root} "
+                  "--checkpoint <this run's last.ckpt>", flush=True)
+            return
+        from omnimae_pl.frozen_probe import compare_encoder, print_report  # data and models: only when asked
+
+        workers = getattr(trainer.datamodule, "num_workers", 0)
+        print_report(compare_encoder(pl_module.model, self.probe_data_root, workers=workers),
+                     f"this run's encoder at step {trainer.global_step}")
