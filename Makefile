@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo gpu-check clean
+.PHONY: install test demo miniature gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ DEMO_DATA ?= .cache/demo_data
 demo: install
 	$(BIN)/omnimae-cli demo-data --root $(DEMO_DATA)
 	OMP_NUM_THREADS=1 $(BIN)/omnimae-cli fit --config configs/demo.yaml
+
+# OmniMAE's Fig. 2 in miniature on the demo data (docs/miniature.md): three pretrainings, fine-tuned on both tasks.
+miniature: install
+	$(BIN)/omnimae-cli demo-data --root $(DEMO_DATA)
+	OMP_NUM_THREADS=1 $(BIN)/omnimae-cli miniature --data-root $(DEMO_DATA)
 
 # Every check that needs a GPU, in one markdown report (docs/gpu_check.md).
 gpu-check: install

@@ -34,6 +34,9 @@ TOOLS = {
     "demo-data": ("omnimae_pl.data.demo", "build the demo corpus (ImageNet and SSv2 layouts) from installed packages"),
     "bench": ("omnimae_pl.bench", "time the training step: samples/s, MFU, memory, eager vs compiled"),
     "loader-bench": ("omnimae_pl.data.loader_bench", "time the data loaders on one core"),
+    "frozen-probe": ("omnimae_pl.frozen_probe", "linear probe of a checkpoint's frozen encoder against random ones (demo data)"),
+    "finetune-check": ("omnimae_pl.finetune_check", "fine-tune the demo tasks from a checkpoint and from scratch, several seeds"),
+    "miniature": ("omnimae_pl.miniature", "OmniMAE's Fig. 2 in miniature: images vs videos vs both, fine-tuned on each"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "pretrain or fine-tune (the config's model class decides)",
