@@ -133,7 +133,7 @@ def test_a_device_mode_fit_follows_the_worker_mode_fit(demo_root, tmp_path):
         out = tmp_path / augment_on
         out.mkdir()
         cfg = run_config(data, out, max_steps=-1, max_epochs=1, limit_val_batches=0, val_check_interval=None, logger=False,
-                         callbacks=[], enable_checkpointing=False)
+                         callbacks=[], enable_checkpointing=False, default_root_dir=str(out))  # bad_samples.txt there
         losses = Losses()
         cli = fit_in_process(cfg, losses, args=("--data.init_args.augment_on", augment_on,
                                                 "--data.init_args.max_invalid_fraction", "0.5"))
