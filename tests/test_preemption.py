@@ -40,6 +40,19 @@ def _signal_at(proc, steps: Path, at: int, signum: int, log: Path, pid: int | No
     os.kill(pid or proc.pid, signum)
 
 
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The child of ``parent`` that Lightning launched as DDP rank ``rank`` (its environment says so), not a
+    short-lived helper process the parent ran meanwhile (signalling one of those raised ProcessLookupError)."""
+    for pid in child_pids(parent):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if f"LOCAL_RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
 def _stop_lines(log: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if line.startswith("omnimae-pl:")]
 
@@ -162,10 +175,9 @@ def test_a_signal_to_one_ddp_rank_stops_every_rank_at_the_same_step(demo_root, t
     proc = start_fit(args, tmp_path, log)
     at = random.Random(SEED).randint(3, STEPS - 6)
     deadline = time.monotonic() + 240
-    while not (ranks := child_pids(proc.pid)):
+    while not (rank1 := _rank_pid(proc.pid, 1)):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
-    (rank1,) = ranks
     _signal_at(proc, steps, at, signal.SIGTERM, log, pid=rank1)
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-3000:]
 
