@@ -99,8 +99,8 @@ def bar_chart(runs: list[Run], path: Path) -> Path:
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(range(len(tasks)), [f"demo {t} task" for t in tasks])
     ax.set_ylabel("fine-tuning top-1 (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(title="pretrained on", fontsize=8, ncols=len(inits), loc="lower center")
+    ax.set_ylim(0, 120)  # room for the legend above the bars
+    ax.legend(title="pretrained on", fontsize=8, ncols=len(inits), loc="upper center")
     n = max(s[2] for row in summary.values() for s in row.values())
     ax.set_title(f"OmniMAE Fig. 2 in miniature (mean ± std of {n} seeds)", fontsize=9)
     fig.tight_layout()
