@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from omnimae_pl.data.demo import demo_paths
 from omnimae_pl.errors import UserError
 
 CONFIGS = {"video": "configs/finetune/demo.yaml", "image": "configs/finetune/demo_image.yaml"}
@@ -56,11 +57,11 @@ def finetune_layer(task: str, checkpoint: str | None, seed: int, fraction: float
 
 def demo_source(task: str, data_root: str | Path) -> dict:
     """The demo corpus source of ``task`` under ``data_root`` (``omnimae-cli demo-data --root``)."""
-    root = Path(data_root)
+    paths = demo_paths(data_root)
     if task == "image":
-        return {"name": "imagenet_demo", "kind": "imagenet", "root": str(root / "imagenet"), "val_split": "val"}
-    return {"name": "ssv2_demo", "kind": "ssv2", "root": str(root / "ssv2" / "videos"),
-            "annotations": str(root / "ssv2"), "val_split": "validation"}
+        return {"name": "imagenet_demo", "kind": "imagenet", "root": str(paths["imagenet"]), "val_split": "val"}
+    return {"name": "ssv2_demo", "kind": "ssv2", "root": str(paths["ssv2_videos"]), "annotations": str(paths["ssv2"]),
+            "val_split": "validation"}
 
 
 def finetune(task: str, checkpoint: str | None, seed: int, fraction: float, steps: int, out_dir: Path,
@@ -101,18 +102,20 @@ def summarise(runs: Sequence[Run]) -> dict[str, dict[str, tuple[float, float, in
     return out
 
 
-def report(runs: Sequence[Run], reference: str = "random") -> tuple[list[str], bool]:
-    """Markdown table lines (task rows, one column per initialisation: mean ± std over seeds) and whether every
-    other initialisation's mean beats ``reference``'s on every task."""
+def report(runs: Sequence[Run], reference: str = "random", verdicts: bool = True) -> tuple[list[str], bool]:
+    """Markdown table lines (task rows, one column per initialisation: mean ± std over seeds, then a pass / FAIL
+    column unless ``verdicts`` is False) and whether every other initialisation's mean beats ``reference``'s on
+    every task."""
     table = summarise(runs)
     inits = list(dict.fromkeys(init for row in table.values() for init in row))
-    lines = ["| task | " + " | ".join(inits) + " | result |", "|---" * (len(inits) + 2) + "|"]
+    result = " result |" if verdicts else ""
+    lines = ["| task | " + " | ".join(inits) + " |" + result, "|---" * (len(inits) + 1 + verdicts) + "|"]
     passed = True
     for task, row in table.items():
         cells = [f"{row[i][0]:.3f} ± {row[i][1]:.3f} (n={row[i][2]})" if i in row else "-" for i in inits]
         ok = all(row[i][0] > row[reference][0] for i in row if i != reference) if reference in row else False
         passed &= ok
-        lines.append(f"| {task} | " + " | ".join(cells) + f" | {'pass' if ok else 'FAIL'} |")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |" + (f" {'pass' if ok else 'FAIL'} |" if verdicts else ""))
     return lines, passed
 
 
