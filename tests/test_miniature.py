@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import wandb
 from PIL import Image
 
 from omnimae_pl.cli import main
@@ -16,6 +17,8 @@ def test_the_miniature_runs_end_to_end_and_writes_its_table_chart_and_wandb_run(
     root = tmp_path / "data"
     build_demo_data(root, train_images_per_class=7, val_images_per_class=2, num_videos=60)
     monkeypatch.setenv("WANDB_MODE", "offline")
+    # a run already active in the process (as in a notebook) must neither receive the miniature's table nor end
+    elsewhere = wandb.init(project="elsewhere", dir=str(tmp_path), mode="offline", reinit="create_new")
     out = tmp_path / "miniature"
     main(["miniature", "--steps", "3", "--seeds", "1", "--finetune-steps", "2", "--fraction", "0.5",
           "--data-root", str(root), "--out-dir", str(out), "--wandb", "test"])
@@ -32,4 +35,7 @@ def test_the_miniature_runs_end_to_end_and_writes_its_table_chart_and_wandb_run(
     assert "| image |" in table and "| video |" in table
     with Image.open(out / "miniature.png") as chart:
         assert chart.size[0] > 300
+    assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert not list(tmp_path.glob("wandb/offline-run-*/files/media/table/miniature"))
+    elsewhere.finish()
     assert "Fig. 2 in miniature" in capsys.readouterr().out

@@ -110,8 +110,10 @@ def bar_chart(runs: list[Run], path: Path) -> Path:
 def log_to_wandb(project: str, out_dir: Path, runs: list[Run], chart: Path, config: dict) -> None:
     import wandb
 
+    # create_new: wandb.init would otherwise hand back a run already active in this process (a notebook's, a
+    # logger's), which would then receive the miniature's table and be finished by it
     run = wandb.init(project=project, dir=str(out_dir), config=config, job_type="miniature",
-                     mode=os.environ.get("WANDB_MODE", "offline"))
+                     mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
     rows = [[r.task, r.init, r.seed, r.acc1] for r in runs]
     run.log({"miniature/runs": wandb.Table(columns=["task", "pretraining", "seed", "acc1"], data=rows),
              "miniature/chart": wandb.Image(str(chart))})
