@@ -184,6 +184,7 @@ def test_forward_loss_equals_masked_mse_of_norm_pix_targets(tiny_model):
     target = norm_pix_targets(x, (2, 4, 4))
     ref = ((pred - target) ** 2).mean(-1)[mask].sum() / mask.sum()
     torch.testing.assert_close(loss, ref)
+    assert torch.equal(tiny_model.forward_loss(x, pred, mask, target=target), loss)  # a target given: the same
     # visible tokens: no influence; masked tokens: influence
     pred2 = pred.clone()
     pred2[~mask] = 1e3

@@ -56,10 +56,12 @@ class OmniMAE(nn.Module):
         return norm_pix_targets(x, self.patch_size)
 
     def forward_loss(
-        self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None
+        self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Masked-token MSE against per-channel normalised pixels; samples with ``valid`` False are left out."""
+        """Masked-token MSE against per-channel normalised pixels; samples with ``valid`` False are left out.
+        ``target``: ``forward_target(x)`` when the caller already has it (it scores several predictions)."""
         mask = flatten_mask(mask)
         if valid is not None:
             mask = mask & valid.view(-1, 1).bool()
-        return masked_mse(pred, self.forward_target(x), mask)
+        return masked_mse(pred, self.forward_target(x) if target is None else target, mask)

@@ -105,7 +105,9 @@ class OmniMAEPretrain(OmniMAETask):
         grad_ckpt = self.grad_checkpointing.get(modality, False)
         latent, ids = self.model.forward_encoder(x, mask, grad_ckpt, batch.get("num_visible"))
         pred = self.model.forward_decoder(latent, ids, x, use_checkpoint=grad_ckpt)
-        loss = self.model.forward_loss(x, pred, mask, valid)
+        # evaluation scores three predictions against one target
+        target = None if stage == "train" else self.model.forward_target(x)
+        loss = self.model.forward_loss(x, pred, mask, valid, target)
         if stage == "train":
             self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=x.shape[0])
             per_modality = {f"train/loss_{modality}": loss}
@@ -120,16 +122,14 @@ class OmniMAEPretrain(OmniMAETask):
         readable = int(valid.sum())  # evaluation only: the read of the device costs nothing here
         # What predicting every hidden patch's mean (zero in the normalised space) scores on the same inputs
         # and masks: a loss that stays on it means the decoder has learnt nothing for this modality.
-        figures = {
-            f"{stage}/loss_{modality}": loss,
-            f"{stage}/loss_{modality}_baseline": self.model.forward_loss(x, torch.zeros_like(pred), mask, valid),
-        }
+        baseline = self.model.forward_loss(x, torch.zeros_like(pred), mask, valid, target)
+        figures = {f"{stage}/loss_{modality}": loss, f"{stage}/loss_{modality}_baseline": baseline}
         if x.ndim == 5:
             # A clip also gets the score of copying each hidden patch from the nearest visible time step: what
             # a model that only copies in time, ignoring motion, would reach.
             grid = token_grid(x.shape[1:], self.model.patch_size)
-            copied = copy_nearest_visible(self.model.forward_target(x), mask, grid)
-            figures[f"{stage}/loss_{modality}_copy_nearest"] = self.model.forward_loss(x, copied, mask, valid)
+            copied = copy_nearest_visible(target, mask, grid)
+            figures[f"{stage}/loss_{modality}_copy_nearest"] = self.model.forward_loss(x, copied, mask, valid, target)
         for name, value in figures.items():
             log_epoch_mean(self, name, value, readable)
         if modality in self.probes and bool((batch["label"] >= 0).any()):  # a labelled source (padding copies labels)
