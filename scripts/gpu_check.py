@@ -346,12 +346,9 @@ def bench_command(s: Section, name: str, size: str, extra: list[str]) -> tuple[l
     return [s.ctx["python"], "-m", "omnimae_pl", "bench", *base, *extra, "--json", str(out)], out
 
 
-def run_bench(s: Section, name: str, size: str, extra: list[str], timeout: float,
-              launcher: list[str] | None = None) -> dict | None:
-    """``omnimae-cli bench`` (or ``launcher`` with its arguments); its JSON, None after a failure."""
+def run_bench(s: Section, name: str, size: str, extra: list[str], timeout: float) -> dict | None:
+    """``omnimae-cli bench``; its JSON, None after a failure."""
     cmd, out = bench_command(s, name, size, extra)
-    if launcher:
-        cmd = [*launcher, *cmd[cmd.index("bench") + 1 :]]
     rc, text = s.run(name, cmd, timeout)
     if rc != 0 or not out.exists():
         s.line(f"- `{name}`: {'timed out' if rc == 124 else 'failed: ' + first_error_line(text)}")
@@ -488,14 +485,13 @@ def section_d(s: Section) -> None:
     end = time.monotonic() + s.ctx["timeout"] - 10
     e2e = ["--end-to-end", "--data-root", s.ctx["demo_root"], "--workers", str(s.ctx["workers"])]
     options = inspect.signature(PretrainDataModule).parameters
-    variants = [("worker", "c_base", None, None)]  # (label, run, bench arguments, launcher)
+    variants = [("worker", "c_base", None)]  # (label, run, bench arguments)
     # the device-side paths, where the datamodule has them: the lines that decide whether they run
     if "augment_on" in options:
         device = ["--compile", "--no-eager", *e2e, "--augment-on", "device"]
-        variants.append(("device", "d_base_device", device, None))
+        variants.append(("device", "d_base_device", device))
         if "image_decode" in options:
-            launcher = [s.ctx["python"], str(Path(__file__).resolve()), "--image-decode-device"]
-            variants.append(("device, image_decode device", "d_base_jpeg", device, launcher))
+            variants.append(("device, image_decode device", "d_base_jpeg", [*device, "--image-decode", "device"]))
         else:
             s.line("- device-side JPEG decoding: not run, PretrainDataModule has no `image_decode` option")
     else:
@@ -513,10 +509,10 @@ def section_d(s: Section) -> None:
         s.line("- worker-side augmentation: the end-to-end row of section c's `c_base` run")
         results["worker"] = saved
     else:
-        variants[0] = ("worker", "d_base_worker", ["--compile", *e2e], None)
+        variants[0] = ("worker", "d_base_worker", ["--compile", *e2e])
     to_run = [v for v in variants if v[0] not in results]
-    for k, (augment, name, extra, launcher) in enumerate(to_run):  # they share what is left of the section's time
-        results[augment] = run_bench(s, name, "base", extra, (end - time.monotonic()) / (len(to_run) - k), launcher)
+    for k, (augment, name, extra) in enumerate(to_run):  # they share what is left of the section's time
+        results[augment] = run_bench(s, name, "base", extra, (end - time.monotonic()) / (len(to_run) - k))
     for augment, *_ in variants:
         result = results[augment]
         got = e2e_fraction(result) if result else None
@@ -682,25 +678,10 @@ def untouched_probes_fit(argv: list[str]) -> None:
     cli.main(argv)
 
 
-def image_decode_bench(argv: list[str]) -> None:
-    """``omnimae-cli bench`` whose end-to-end datamodule decodes its JPEGs on the device (``image_decode:
-    device``), which bench has no flag for: the variant that section d measures."""
-    from omnimae_pl import cli
-    from omnimae_pl.bench import end_to_end
-
-    plain = end_to_end._augment_on
-    end_to_end._augment_on = lambda value: {**plain(value), "image_decode": "device"}
-    print("gpu_check: bench's PretrainDataModule gets image_decode='device'", flush=True)
-    cli.main(["bench", *argv])
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "--untouched-probes":
         untouched_probes_fit(argv[1:])
-        return 0
-    if argv and argv[0] == "--image-decode-device":
-        image_decode_bench(argv[1:])
         return 0
     p = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_check.md", help="the markdown report")

@@ -47,16 +47,27 @@ def test_batches_go_through_the_datamodules_after_transfer_hook(tiny, demo_root,
 
 
 @pytest.mark.parametrize("modality", ["image", "video"])
-def test_augment_on_is_passed_only_where_the_datamodule_has_it(tiny, demo_root, modality):
-    import inspect
-
-    from omnimae_pl.data.datamodule import PretrainDataModule
-
+def test_augment_on_device_runs_end_to_end(tiny, demo_root, modality):
     args = [*tiny, "--modality", modality, "--end-to-end", "--data-root", str(demo_root), "--augment-on", "device"]
-    if "augment_on" in inspect.signature(PretrainDataModule).parameters:
-        (e2e,) = [r for r in omnimae_pl.bench.main(args)["rows"] if r["impl"] == "ours-e2e"]
-        assert e2e["data"].endswith("augment_on device") and e2e["samples"][modality] == 2
-        assert torch.isfinite(torch.tensor(e2e["loss"]))
-    else:
-        with pytest.raises(ValueError, match="--augment-on device: this PretrainDataModule has no augment_on"):
-            omnimae_pl.bench.main(args)
+    (e2e,) = [r for r in omnimae_pl.bench.main(args)["rows"] if r["impl"] == "ours-e2e"]
+    assert e2e["data"].endswith("augment_on device") and e2e["samples"][modality] == 2
+    assert torch.isfinite(torch.tensor(e2e["loss"]))
+
+
+def test_image_decode_device_reaches_the_datamodule(tiny, demo_root, monkeypatch):
+    from omnimae_pl.data import device_decode
+
+    decoded = []
+    plain = device_decode.decode_jpegs
+
+    def counting(*args, **kwargs):
+        out = plain(*args, **kwargs)
+        decoded.append(len(out))
+        return out
+
+    monkeypatch.setattr(device_decode, "decode_jpegs", counting)
+    args = [*tiny, "--modality", "image", "--end-to-end", "--data-root", str(demo_root), "--augment-on", "device",
+            "--image-decode", "device"]
+    (e2e,) = [r for r in omnimae_pl.bench.main(args)["rows"] if r["impl"] == "ours-e2e"]
+    assert e2e["data"].endswith("augment_on device, image_decode device")
+    assert decoded and torch.isfinite(torch.tensor(e2e["loss"]))

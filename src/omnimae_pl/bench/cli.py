@@ -81,8 +81,11 @@ def _extra_options(p) -> None:
                    help="project: demo corpus through PretrainDataModule + ModalityInterleaver; synthetic: a "
                         "DataLoader of ready tensors")
     p.add_argument("--data-root", default=None, help="where the demo corpus is built / reused")
-    p.add_argument("--augment-on", default=None,
-                   help="PretrainDataModule's augment_on for --end-to-end (where it has one); default: its own")
+    p.add_argument("--augment-on", choices=("worker", "device"), default=None,
+                   help="PretrainDataModule's augment_on for --end-to-end; default: its own")
+    p.add_argument("--image-decode", choices=("worker", "device"), default=None,
+                   help="PretrainDataModule's image_decode for --end-to-end (device needs --augment-on device); "
+                        "default: its own")
     p.add_argument("--official", default=None, metavar="PATH",
                    help="folder with the official omnivore snapshot (omnimae/, omnivision/) for a side by side")
     p.add_argument("--official-precision", default=None, help="comma list of fp16,bf16,fp32 (CUDA: fp16,bf16)")

@@ -5,7 +5,6 @@ of ready tensors in the same sample contract (``omnimae_pl.data.sample``)."""
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import tempfile
 import time
@@ -96,7 +95,7 @@ def _project_stream(args, batches, device):
         video_masking=MaskingConfig("random", args.video_mask_ratio),
         img_size=args.img_size, num_frames=args.num_frames, patch_size=tuple(args.spec.patch_size),
         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0, seed=args.seed,
-        **_augment_on(args.augment_on),
+        **_device_options(args),
     )
     dm.setup("fit")
     interleaver = dm.train_dataloader()
@@ -108,19 +107,16 @@ def _project_stream(args, batches, device):
             interleaver.set_epoch(epoch)
             yield from interleaver
 
-    augment = f", augment_on {args.augment_on}" if args.augment_on else ""
+    augment = "".join(f", {k} {v}" for k, v in _device_options(args).items())
     how = (f"project pipeline: demo corpus at {root}, PretrainDataModule + ModalityInterleaver (steps per epoch "
            f"{interleaver.steps_per_source}), {workers} workers per source{augment}")
     return epochs(), how, functools.partial(dm.on_after_batch_transfer, dataloader_idx=0)
 
 
-def _augment_on(value: str | None) -> dict:
-    """``augment_on`` for the datamodule when asked for; refused in one line where the datamodule has none."""
-    if value is None:
-        return {}
-    if "augment_on" not in inspect.signature(PretrainDataModule).parameters:
-        raise ValueError(f"--augment-on {value}: this PretrainDataModule has no augment_on option")
-    return {"augment_on": value}
+def _device_options(args) -> dict:
+    """The datamodule's ``augment_on`` / ``image_decode`` where the command line sets them (else its defaults)."""
+    options = {"augment_on": args.augment_on, "image_decode": args.image_decode}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _demo_sources(paths, modalities) -> list[SourceConfig]:
