@@ -111,6 +111,8 @@ def test_paste_keeps_visible_pixels_exact_and_masked_input_is_grey_exactly_on_ma
     assert hidden.any() and (~hidden).any()
     assert torch.equal(views["pasted"][~hidden], views["input"][~hidden])
     assert torch.equal(views["pasted"][hidden], views["pred_denorm"][hidden])
+    assert torch.equal(views["pasted_normalized"][hidden], views["pred_normalized"][hidden])
+    assert torch.equal(views["pasted_normalized"][~hidden], views["target_normalized"][~hidden])
     assert torch.all(views["masked_input"][hidden] == MASK_GREY)
     assert torch.equal(views["masked_input"][~hidden], views["input"][~hidden])
 

@@ -10,6 +10,9 @@ The views keep that distinction visible:
 - ``pred_normalized`` / ``target_normalized``: prediction and target in the normalised space, mapped to pixels by
   one global affine, ``0.5 + v / (2 * NORMALIZED_DISPLAY_RANGE)`` clipped (so +-2.5 patch stds span black..white);
   no per-patch stretching, so a low-contrast prediction looks low-contrast.
+- ``pasted_normalized``: the raw prediction in the hidden patches beside the target in the visible ones, in the
+  same space: what the model made of what it saw, with no statistics of a hidden patch (the loss ignores the
+  prediction of a visible patch, so ``pred_normalized`` shows noise there).
 - ``pred_denorm``: the prediction de-normalised with each patch's own true mean/std (borrows the hidden patches'
   statistics: an upper bound on what the model alone could show).
 - ``pasted``: the visible patches of the input (exact pixels) pasted over ``pred_denorm``.
@@ -45,13 +48,16 @@ from omnimae_pl.models.tokens import flatten_mask
 MASK_GREY = 0.5
 NORMALIZED_DISPLAY_RANGE = 2.5
 
-VIEW_KEYS = ("input", "masked_input", "pred_normalized", "target_normalized", "pred_denorm", "pasted")
+VIEW_KEYS = (
+    "input", "masked_input", "pred_normalized", "pasted_normalized", "target_normalized", "pred_denorm", "pasted"
+)
 VIEW_TITLES = {
     "input": "input (ground truth)",
     "masked_input": "encoder input: masked patches grey",
     "pred_normalized": (
         f"raw prediction, per-patch normalised space, shown as 0.5 + v/{2 * NORMALIZED_DISPLAY_RANGE:g}"
     ),
+    "pasted_normalized": "raw prediction in the hidden patches, target in the visible ones (normalised space)",
     "target_normalized": (
         f"target in the same normalised space, shown as 0.5 + v/{2 * NORMALIZED_DISPLAY_RANGE:g}"
     ),
@@ -66,6 +72,7 @@ VIEW_LABELS = {
     "input": "input",
     "masked_input": "masked input",
     "pred_normalized": "pred (norm. space)",
+    "pasted_normalized": "pred in hidden (norm.)",
     "target_normalized": "target (norm. space)",
     "pred_denorm": "pred x true patch std+mean",
     "pasted": "pred + visible input",
@@ -116,11 +123,13 @@ def reconstruction_views(
     inputs = to_clip(patches).clamp(0.0, 1.0)
     masked = to_clip(hidden) > 0.5
     pred_denorm = to_clip(pred * std + mean).clamp(0.0, 1.0)
+    pred_normalized, target_normalized = normalized_display(pred), normalized_display((patches - mean) / std)
     return {
         "input": inputs,
         "masked_input": inputs.masked_fill(masked, MASK_GREY),
-        "pred_normalized": normalized_display(pred),
-        "target_normalized": normalized_display((patches - mean) / std),
+        "pred_normalized": pred_normalized,
+        "pasted_normalized": torch.where(masked, pred_normalized, target_normalized),
+        "target_normalized": target_normalized,
         "pred_denorm": pred_denorm,
         "pasted": torch.where(masked, pred_denorm, inputs),
     }
