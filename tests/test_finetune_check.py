@@ -49,3 +49,24 @@ def test_the_verdict_is_on_the_mean_of_the_seeds():
     assert lines[0] == "| task | pretrained | random | result |"
     assert lines[2].startswith("| video | 0.650 ± 0.354 (n=2) | 0.600 ± 0.141 (n=2) |") and lines[2].endswith("pass |")
     assert lines[3].endswith("FAIL |") and not passed
+
+
+def test_each_task_gets_its_own_default_budget_and_steps_overrides_both(tmp_path, monkeypatch, capsys):
+    import omnimae_pl.finetune_check as fc
+
+    budgets = []
+    def finetune(task, checkpoint, seed, fraction, steps, *rest):
+        budgets.append((task, steps))
+        return 0.5
+
+    monkeypatch.setattr(fc, "finetune", finetune)
+    checkpoint = tmp_path / "p.ckpt"
+    checkpoint.write_bytes(b"")
+    main(["finetune-check", "--checkpoint", str(checkpoint), "--seeds", "1", "--out-dir", str(tmp_path / "a")])
+    assert sorted(set(budgets)) == [("image", fc.STEPS["image"]), ("video", fc.STEPS["video"])]
+    assert fc.STEPS["image"] > fc.STEPS["video"]
+    assert "after video 300, image 1000 steps" in capsys.readouterr().out
+    budgets.clear()
+    main(["finetune-check", "--checkpoint", str(checkpoint), "--seeds", "1", "--steps", "7", "--out-dir",
+          str(tmp_path / "b")])
+    assert set(budgets) == {("image", 7), ("video", 7)}

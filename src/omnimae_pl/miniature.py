@@ -132,13 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps of each pretraining")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per task and pretraining")
     parser.add_argument("--fraction", type=float, default=0.15, help="labelled share of each fine-tuning task")
-    parser.add_argument("--finetune-steps", type=int, default=300, help="optimizer steps of each fine-tuning")
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="optimizer steps of each fine-tuning (default: finetune-check's, video 300, image 1000)")
     parser.add_argument("--data-root", default=".cache/demo_data", help="the demo corpus (omnimae-cli demo-data)")
     parser.add_argument("--out-dir", default="runs/miniature")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log the table and chart to this wandb project "
                         "(offline unless WANDB_MODE says otherwise)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.seeds < 1 or args.finetune_steps < 1 or not 0 < args.fraction <= 1:
+    too_few = args.steps < 1 or args.seeds < 1 or (args.finetune_steps is not None and args.finetune_steps < 1)
+    if too_few or not 0 < args.fraction <= 1:
         raise UserError("--steps, --seeds and --finetune-steps must be at least 1 and --fraction in (0, 1]")
     if not Path(args.data_root).is_dir():
         raise UserError(f"--data-root {args.data_root}: no demo corpus; run omnimae-cli demo-data --root {args.data_root}")
