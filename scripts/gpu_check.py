@@ -478,24 +478,14 @@ def _section_ended(work: Path, key: str) -> bool:
 
 
 def section_d(s: Section) -> None:
-    import inspect
-
-    from omnimae_pl.data.datamodule import PretrainDataModule
-
     end = time.monotonic() + s.ctx["timeout"] - 10
     e2e = ["--end-to-end", "--data-root", s.ctx["demo_root"], "--workers", str(s.ctx["workers"])]
-    options = inspect.signature(PretrainDataModule).parameters
-    variants = [("worker", "c_base", None)]  # (label, run, bench arguments)
-    # the device-side paths, where the datamodule has them: the lines that decide whether they run
-    if "augment_on" in options:
-        device = ["--compile", "--no-eager", *e2e, "--augment-on", "device"]
-        variants.append(("device", "d_base_device", device))
-        if "image_decode" in options:
-            variants.append(("device, image_decode device", "d_base_jpeg", [*device, "--image-decode", "device"]))
-        else:
-            s.line("- device-side JPEG decoding: not run, PretrainDataModule has no `image_decode` option")
-    else:
-        s.line("- device-side augmentation: not run, PretrainDataModule has no `augment_on` option")
+    device = ["--compile", "--no-eager", *e2e, "--augment-on", "device"]
+    variants = [  # (label, run, bench arguments)
+        ("worker", "c_base", None),
+        ("device", "d_base_device", device),
+        ("device, image_decode device", "d_base_jpeg", [*device, "--image-decode", "device"]),
+    ]
     s.line(f"{s.ctx['workers']} loader workers per source, {s.ctx['cpus']} CPU cores.")
     reused = s.work / "c_results.json"
     # side by side (the smoke), section c may still be running: its ViT-B run is the worker-side row

@@ -90,7 +90,7 @@ def compare(inits: dict[str, str | None], tasks: Sequence[str], seeds: Sequence[
     for task in tasks:
         for seed in seeds:
             for name, checkpoint in inits.items():
-                acc = finetune(task, checkpoint, seed, fraction, steps or STEPS[task],
+                acc = finetune(task, checkpoint, seed, fraction, STEPS[task] if steps is None else steps,
                                out_dir / task / name / f"seed{seed}", data_root)
                 runs.append(Run(task, name, seed, acc))
     return runs
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
     lines, passed = report(runs)
-    print(f"Fine-tuning check: validation top-1 after {steps_text(args.tasks, args.steps)} on {args.fraction:.0%} of the labels "
-          f"({args.checkpoint} against random initialisation, seeds 0-{args.seeds - 1}):")
+    print(f"Fine-tuning check: validation top-1 after {steps_text(args.tasks, args.steps)} on {args.fraction:.0%} "
+          f"of the labels ({args.checkpoint} against random initialisation, seeds 0-{args.seeds - 1}):")
     print("\n".join(lines))
     print("the checkpoint beats random initialisation on every task" if passed
           else "the checkpoint does NOT beat random initialisation on every task")

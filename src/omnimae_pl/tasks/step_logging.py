@@ -26,7 +26,7 @@ def log_this_step(module: LightningModule, metrics: Mapping[str, torch.Tensor | 
     every = trainer.log_every_n_steps
     if not trainer.loggers or not every or (trainer.global_step + 1) % every:
         return
-    row = {name: float(value.detach() if isinstance(value, torch.Tensor) else value) for name, value in metrics.items()}
+    row = {name: float(value.detach()) if torch.is_tensor(value) else float(value) for name, value in metrics.items()}
     row["epoch"] = trainer.current_epoch
     for logger in trainer.loggers:
         logger.log_metrics(row, step=trainer.global_step)
