@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from omnimae_pl.cli import main as cli_main
+from omnimae_pl.errors import EXIT_USER_ERROR
 from omnimae_pl.models import omnimae_pretrain
 from omnimae_pl.models.checkpoints import load_pretrain_model
 from omnimae_pl.reconstruct import main, model_layout, write_reconstructions
@@ -106,6 +108,16 @@ def test_cli_on_a_released_format_state_dict(files, tmp_path):
     summary = [(e["kind"], e["mask_type"], e["num_masked"]) for e in entries]
     assert summary == [("image", "tube", 14), ("video", "tube", 112)]
     assert all((tmp_path / "o" / name).is_file() for e in entries for name in e["files"].values())
+
+
+def test_a_missing_input_is_a_one_line_error_before_the_checkpoint_loads(files, tmp_path, capsys):
+    jpeg, _ = files
+    missing = tmp_path / "no_such.JPEG"
+    with pytest.raises(SystemExit) as exit_info:  # the checkpoint does not exist either: it is never read
+        cli_main(["reconstruct", "--checkpoint", str(tmp_path / "none.ckpt"), "--inputs", str(jpeg), str(missing),
+                  "--out-dir", str(tmp_path / "o")])
+    assert exit_info.value.code == EXIT_USER_ERROR
+    assert capsys.readouterr().err.strip().splitlines() == [f"omnimae-cli: error: --inputs: no such file: {missing}"]
 
 
 def test_lightning_checkpoint_loads_with_its_hyper_parameters(tmp_path):

@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as F
 from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
 from omnimae_pl.data.image_transforms import ResizeCenterCrop
 from omnimae_pl.data.video_io import DEFAULT_CLIP_DURATION, PyAVReader
+from omnimae_pl.errors import UserError
 from omnimae_pl.models.losses import masked_mse, norm_pix_targets
 from omnimae_pl.masking import MASK_TYPES, make_mask, token_grid
 from omnimae_pl.models import OmniMAE
@@ -236,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         help="also draw all image inputs in one figure per mask type and ratio: image_grid_<type>_<percent>.png",
     )
     args = parser.parse_args(argv)
+    missing = [p for p in args.inputs if not Path(p).is_file()]
+    if missing:  # before the checkpoint loads: a typo should not cost a model load and a traceback
+        raise UserError(f"--inputs: no such file: {', '.join(missing)}")
     model = load_pretrain_model(args.checkpoint).to(args.device)
     index = write_reconstructions(
         model, args.inputs, args.out_dir, args.mask_ratios, args.mask_types, args.seed, args.fps
