@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 
 import pytest
 import torch
 import yaml
 from cli_helpers import REPO, cli, run_config
 
-from omnimae_pl.cli import LIGHTNING_COMMANDS, TOOLS, main
+from omnimae_pl.cli import LIGHTNING_COMMANDS, TOOLS, main, run_cli
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -98,6 +99,17 @@ def test_every_shipped_config_parses(config):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(out.getvalue())
     assert printed["model"]["class_path"].startswith("omnimae_pl.tasks.")
+
+
+def test_an_in_process_run_ignores_the_outer_commands_arguments(monkeypatch, recwarn):
+    """finetune-check and miniature run the CLI in-process: their own sys.argv is neither parsed nor warned about,
+    and is back in place afterwards."""
+    outer = ["omnimae-cli", "finetune-check", "--seeds", "5"]
+    monkeypatch.setattr(sys, "argv", list(outer))
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit):
+        run_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--print_config"])
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]
+    assert sys.argv == outer
 
 
 def test_print_config_output_reruns(demo_root, tmp_path):

@@ -114,17 +114,25 @@ def main(args: list[str] | None = None) -> None:
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> OmniCLI:
     """The CLI in-process (tests, notebooks); returns it, so its trainer and model can be inspected."""
-    return OmniCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults=TRAINER_DEFAULTS,
-        parser_class=OneLineErrorParser,
-        args=args,
-        run=run,
-    )
+    # Given ``args``, LightningCLI warns about any sys.argv (finetune-check and miniature run it in-process): hide
+    # the outer command's arguments while it parses.
+    argv = sys.argv
+    if args is not None:
+        sys.argv = argv[:1]
+    try:
+        return OmniCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=TRAINER_DEFAULTS,
+            parser_class=OneLineErrorParser,
+            args=args,
+            run=run,
+        )
+    finally:
+        sys.argv = argv
 
 
 if __name__ == "__main__":  # pragma: no cover
