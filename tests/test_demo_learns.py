@@ -14,7 +14,7 @@ from omnimae_pl.cli import run_cli
 from omnimae_pl.data.demo import build_demo_data
 
 STEPS = 400
-MAX_RATIO = 0.99  # loss / baseline after this short run: 0.970 (image), 0.957 (video); an untrained model ~1.0
+MAX_RATIO = 0.99  # loss / baseline after this short run: 0.971 (image), 0.956 (video); an untrained model ~1.0
 
 
 @pytest.fixture(scope="module")
