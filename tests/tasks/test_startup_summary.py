@@ -12,6 +12,7 @@ from cli_helpers import DEMO, REPO, cli, run_config
 from lightning.pytorch import Callback
 
 from omnimae_pl.optim import warmup_cosine
+from omnimae_pl.tasks.base import _count
 
 
 class LrRecorder(Callback):
@@ -173,3 +174,8 @@ def test_the_summary_of_two_nodes_and_replicated_video():
         "  accumulation     2 batches per optimizer step (trainer.accumulate_grad_batches)",
         "  peak lr          1.5e-4 x 1024 / 256 = 6e-4 (base_lr x global batch / 256, the larger modality's)",
     ]
+
+
+def test_counts_read_as_english():
+    assert [_count(1, "epoch"), _count(50, "epoch"), _count(2, "batch"), _count(8, "node")] == [
+        "1 epoch", "50 epochs", "2 batches", "8 nodes"]

@@ -284,7 +284,7 @@ def _datamodule(trainer):
 
 
 def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("ch") else f"{n} {word}s"
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith(("tch", "sh", "s", "x")) else f"{n} {word}s"
 
 
 def _lr(value: float) -> str:
