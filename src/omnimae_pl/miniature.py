@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per task and pretraining")
     parser.add_argument("--fraction", type=float, default=0.15, help="labelled share of each fine-tuning task")
     parser.add_argument("--finetune-steps", type=int, default=None,
-                        help="optimizer steps of each fine-tuning (default: finetune-check's, video 300, image 1000)")
+                        help="optimizer steps of each fine-tuning (default: finetune-check's, 1000 for each task)")
     parser.add_argument("--data-root", default=".cache/demo_data", help="the demo corpus (omnimae-cli demo-data)")
     parser.add_argument("--out-dir", default="runs/miniature")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log the table and chart to this wandb project "

@@ -38,7 +38,8 @@ def test_imagenet_layout_with_real_world_oddities(built):
 def test_ssv2_files_follow_the_official_schema(built):
     _, paths = built
     labels = json.loads(paths["ssv2_labels"].read_text())
-    assert labels == {t.replace("[", "").replace("]", ""): str(i) for i, t in enumerate(MOTIONS)}
+    assert labels == {demo.template(*m).replace("[", "").replace("]", ""): str(i) for i, m in enumerate(MOTIONS)}
+    assert len(labels) == 12 and "Moving something from left to right slowly" in labels
     train, validation = (json.loads(paths[f"ssv2_{s}"].read_text()) for s in ("train", "validation"))
     test = json.loads(paths["ssv2_test"].read_text())
     for entry in train + validation:
@@ -104,31 +105,38 @@ def test_command_line_prints_the_paths(built, capsys):
     assert f"ssv2_videos: {paths['ssv2_videos']}" in out and f"imagenet_train: {paths['imagenet_train']}" in out
 
 
+def _motion(clip: np.ndarray) -> tuple[float, float, float]:
+    """(dx, dy) of the digit's centre from the first frame to the last, as shares of the frame's width / height,
+    and the ratio of its areas; the digit is what differs from the clip's most common colour."""
+    colours, counts = np.unique(clip.reshape(-1, 3), axis=0, return_counts=True)
+    assert counts.max() > 0.5 * clip.shape[0] * clip.shape[1] * clip.shape[2]  # one plain colour, coded exactly
+    digit = np.abs(clip - colours[counts.argmax()]).max(axis=-1) > 24  # (T, H, W)
+    ys, xs = np.mgrid[: clip.shape[1], : clip.shape[2]]
+    first, last = digit[0], digit[-1]
+    dx = (xs[last].mean() - xs[first].mean()) / clip.shape[2]
+    dy = (ys[last].mean() - ys[first].mean()) / clip.shape[1]
+    return dx, dy, last.sum() / max(first.sum(), 1)
+
+
 def test_the_digit_moves_as_the_label_says_over_a_plain_background(built):
     _, paths = built
     reader = PyAVReader()
     rows = json.loads(paths["ssv2_train"].read_text()) + json.loads(paths["ssv2_validation"].read_text())
+    assert {row["template"] for row in rows} <= {demo.template(*m) for m in MOTIONS}
+    moved = {speed: {"shift": [], "growth": []} for speed in demo.SPEEDS}
     for row in rows:
         clip = reader.read_clip(paths["ssv2_videos"] / f"{row['id']}.webm", num_frames=8).numpy().astype(int)
-        colours, counts = np.unique(clip.reshape(-1, 3), axis=0, return_counts=True)
-        background = colours[counts.argmax()]
-        assert counts.max() > 0.5 * clip.shape[0] * clip.shape[1] * clip.shape[2]  # one plain colour, coded exactly
-        digit = np.abs(clip - background).max(axis=-1) > 24  # (T, H, W)
-        ys, xs = np.mgrid[: clip.shape[1], : clip.shape[2]]
-        first, last = digit[0], digit[-1]
-        dx = xs[last].mean() - xs[first].mean()
-        dy = ys[last].mean() - ys[first].mean()
-        grows = last.sum() / max(first.sum(), 1)
-        template = row["template"]  # the digit covers 0.4 of the frame; its visible part's centre a little less
-        if "left to right" in template:
-            assert dx > 0.2 * clip.shape[2]
-        elif "right to left" in template:
-            assert dx < -0.2 * clip.shape[2]
-        elif template.endswith("up"):
-            assert dy < -0.2 * clip.shape[1]
-        elif template.endswith("down"):
-            assert dy > 0.2 * clip.shape[1]
-        elif "towards" in template:
-            assert grows > 1.8  # side 0.55 -> 0.85 of the frame: 2.4x the area
-        else:
-            assert grows < 1 / 1.8
+        dx, dy, grows = _motion(clip)
+        (direction, speed), = [m for m in MOTIONS if demo.template(*m) == row["template"]]
+        shift = {"from left to right": dx, "from right to left": -dx, "up": -dy, "down": dy}.get(direction)
+        if shift is None:  # side 0.55 -> 0.85 of the frame quickly (2.4x the area), 0.625 -> 0.775 slowly (1.5x)
+            growth = np.log(grows if direction.startswith("towards") else 1 / grows)
+            assert growth > np.log(1.3), (row, grows)
+            moved[speed]["growth"].append(growth)
+        else:  # the centre moves by a share of the frame, less where the edge cuts the digit
+            assert shift > 0.1, (row, shift)
+            moved[speed]["shift"].append(shift)
+    # Quickly covers twice the path of slowly; the edge's cut makes the measured ratio a little smaller.
+    for kind in ("shift", "growth"):
+        quick, slow = np.mean(moved["quickly"][kind]), np.mean(moved["slowly"][kind])
+        assert quick > 1.4 * slow, (kind, moved)

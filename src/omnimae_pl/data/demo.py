@@ -6,14 +6,16 @@ named .JPEG.
 
 ``ssv2/``: the three official Something-Something v2 JSON files and ``videos/<id>.webm`` (VP9, 12 fps, 1-1.7 s):
 a digit filling most of the frame moving left to right, right to left, up, down, towards or away from the camera
-over a plain background, by about 0.4 of the frame over the clip. The class depends on the order of the frames, as
-in SSv2 (a reversed clip has another label), so a model needs time.
+over a plain background, slowly (a quarter of a crossing of the frame over the clip) or quickly (half of one):
+12 classes. The class depends on the order and the spacing of the frames, as in SSv2 (a reversed clip has another
+label), so a model needs time; the speed keeps the task from being solved from scratch by a few labelled clips
+(docs/learning_check.md).
 
 Plain backgrounds because the loss normalises every patch: a textured background becomes per-patch noise that
 hides the digit (a flat patch has a zero target, so only the digit's patches count). Large digits and short moves
-because a clip keeps only a few visible patches (90 % are masked): a small digit crossing the whole frame is mostly
-unseen, and its hidden patches cannot be predicted (docs/learning_check.md measures both). Everything is
-deterministic given ``seed``; a marker file records what was built, and a second call with the same arguments
+because a clip keeps only a few visible patches (75 % or more are masked): a small digit crossing the whole frame
+is mostly unseen, and its hidden patches cannot be predicted (docs/learning_check.md measures both). Everything
+is deterministic given ``seed``; a marker file records what was built, and a second call with the same arguments
 reuses it. Run ``omnimae-cli demo-data --root DIR`` to build and print the paths.
 """
 
@@ -30,16 +32,19 @@ import av
 import numpy as np
 from PIL import Image
 
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 MARKER = "omnimae_demo.json"
-MOTIONS = (
-    "Moving [something] from left to right",
-    "Moving [something] from right to left",
-    "Moving [something] up",
-    "Moving [something] down",
-    "Moving [something] towards the camera",
-    "Moving [something] away from the camera",
+DIRECTIONS = (
+    "from left to right",
+    "from right to left",
+    "up",
+    "down",
+    "towards the camera",
+    "away from the camera",
 )
+# Share of a crossing of the frame (or of the size range, towards / away) covered from the first frame to the last.
+SPEEDS = {"slowly": 0.25, "quickly": 0.5}
+MOTIONS = tuple((direction, speed) for speed in SPEEDS for direction in DIRECTIONS)
 FPS = 12
 
 
@@ -202,18 +207,24 @@ def _save_picture(image: Image.Image, path: Path, special: int) -> None:
 # ---------------------------------------------------------------- videos
 
 
+def template(direction: str, speed: str) -> str:
+    """The SSv2-style template (``[something]`` is the placeholder) of one demo class."""
+    return f"Moving [something] {direction} {speed}"
+
+
 def _motion_frames(
-    template: str, digit: np.ndarray, background: np.ndarray, colour: np.ndarray, n_frames: int,
+    direction: str, speed: str, digit: np.ndarray, background: np.ndarray, colour: np.ndarray, n_frames: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Frames (N, H, W, 3) of one digit moving as ``template`` says, from the first frame to the last: sideways
-    or up / down it covers the middle half of a crossing of the frame (its side is 0.7-0.9 of the frame's, so it
-    stays mostly in view); towards / away it grows / shrinks between 0.55 and 0.85 of the frame."""
+    """Frames (N, H, W, 3) of one digit moving ``direction`` at ``speed``, from the first frame to the last: sideways
+    or up / down it covers the middle ``SPEEDS[speed]`` of a crossing of the frame (its side is 0.7-0.9 of the
+    frame's, so it stays mostly in view); towards / away it grows / shrinks within 0.55-0.85 of the frame."""
     h, w = background.shape[:2]
-    progress = np.linspace(0.25, 0.75, n_frames)
+    span = SPEEDS[speed]
+    progress = np.linspace(0.5 - span / 2, 0.5 + span / 2, n_frames)
     frames = np.empty((n_frames, h, w, 3), dtype=np.uint8)
-    if "camera" in template:
-        sides = h * (0.4 + 0.6 * (progress if "towards" in template else 1 - progress))
+    if "camera" in direction:
+        sides = h * (0.4 + 0.6 * (progress if direction.startswith("towards") else 1 - progress))
         cx, cy = rng.uniform(0.4, 0.6) * w, rng.uniform(0.4, 0.6) * h
         for i, side in enumerate(sides.astype(int)):
             sprite = digit_sprite(digit, side, colour)
@@ -221,13 +232,13 @@ def _motion_frames(
         return frames
     base = int(h * rng.uniform(0.7, 0.9))
     sprite = digit_sprite(digit, base, colour)
-    if "left" in template:  # a full crossing: from 35 % outside one edge to 35 % outside the other
+    if "left" in direction:  # a full crossing: from 35 % outside one edge to 35 % outside the other
         a, b = -base * 0.35, w - base * 0.65
-        xs = a + (b - a) * (progress if template.endswith("to right") else 1 - progress)
+        xs = a + (b - a) * (progress if direction.endswith("to right") else 1 - progress)
         ys = np.full(n_frames, rng.uniform(0, h - base))
     else:
         a, b = -base * 0.35, h - base * 0.65
-        ys = a + (b - a) * (1 - progress if template.endswith("up") else progress)
+        ys = a + (b - a) * (1 - progress if direction == "up" else progress)
         xs = np.full(n_frames, rng.uniform(0, w - base))
     for i in range(n_frames):
         frames[i] = paste(background, sprite, int(xs[i]), int(ys[i]))
@@ -254,26 +265,26 @@ def _write_ssv2(root: Path, num_videos: int, size: tuple[int, int], rng: np.rand
     images, labels = digit_images()
     videos = root / "videos"
     videos.mkdir(parents=True)
-    plain = [t.replace("[", "").replace("]", "") for t in MOTIONS]
+    plain = [template(*motion).replace("[", "").replace("]", "") for motion in MOTIONS]
     (root / "something-something-v2-labels.json").write_text(
         json.dumps({t: str(i) for i, t in enumerate(plain)}, indent=1)
     )
     entries = []
     for n in range(num_videos):
         video_id = str(n + 1)
-        template = MOTIONS[n % len(MOTIONS)]
+        direction, speed = MOTIONS[n % len(MOTIONS)]
         pick = int(rng.integers(len(images)))
         n_frames = int(rng.integers(FPS, FPS * 5 // 3 + 1))  # 1-1.7 s: shorter than the loaders' 2.7 s window
         background, colour = _colours(rng)
         background = np.broadcast_to(background, (size[1], size[0], 3)).astype(np.uint8)
-        frames = _motion_frames(template, images[pick], background, colour, n_frames, rng)
+        frames = _motion_frames(direction, speed, images[pick], background, colour, n_frames, rng)
         write_webm(videos / f"{video_id}.webm", frames, lossless=True)  # coding noise: see digit_sprite
-        thing = f"digit {labels[pick]}"
+        thing, name = f"digit {labels[pick]}", template(direction, speed)
         entries.append(
             {
                 "id": video_id,
-                "label": template.replace("[something]", thing),
-                "template": template,
+                "label": name.replace("[something]", thing),
+                "template": name,
                 "placeholders": [thing],
             }
         )
