@@ -64,7 +64,6 @@ def test_each_task_gets_its_own_default_budget_and_steps_overrides_both(tmp_path
     checkpoint.write_bytes(b"")
     main(["finetune-check", "--checkpoint", str(checkpoint), "--seeds", "1", "--out-dir", str(tmp_path / "a")])
     assert sorted(set(budgets)) == [("image", fc.STEPS["image"]), ("video", fc.STEPS["video"])]
-    assert fc.STEPS["image"] > fc.STEPS["video"]
     assert "after video 1000, image 1000 steps" in capsys.readouterr().out
     budgets.clear()
     main(["finetune-check", "--checkpoint", str(checkpoint), "--seeds", "1", "--steps", "7", "--out-dir",
