@@ -24,11 +24,11 @@ test: install
 
 DEMO_DATA ?= .cache/demo_data
 
-# Builds the demo data (reused when present), then pretrains the tiny model on it on the CPU. One math thread
-# in the trainer: the loader workers need the other core (two threads each made steps 5x slower on 2 cores).
+# Builds the demo data (reused when present), then pretrains the tiny model on it on the CPU. Two math threads
+# beside the config's one loader worker, which needs a few percent of a core (docs/learning_check.md).
 demo: install
 	$(BIN)/omnimae-cli demo-data --root $(DEMO_DATA)
-	OMP_NUM_THREADS=1 $(BIN)/omnimae-cli fit --config configs/demo.yaml
+	OMP_NUM_THREADS=2 $(BIN)/omnimae-cli fit --config configs/demo.yaml
 
 # OmniMAE's Fig. 2 in miniature on the demo data (docs/miniature.md): three pretrainings, fine-tuned on both tasks.
 miniature: install
