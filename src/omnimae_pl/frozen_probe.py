@@ -65,21 +65,10 @@ def token_features(encoder: VisionTransformerEncoder, loader: DataLoader) -> tup
     return torch.cat(feats), torch.cat(labels)
 
 
-def logistic_probe(
-    train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
-    l2: float = L2, max_iter: int = 500,
-) -> float:
-    """Validation accuracy of a multinomial logistic regression on standardised features (train statistics)."""
-    (x, y), (xv, yv) = train, val
-    mean, std = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)
-    x, xv = ((x - mean) / std).double(), ((xv - mean) / std).double()
-    if x.shape[1] > x.shape[0]:
-        # More features than samples (a video token map: 12288 features, 840 clips). Every gradient of the
-        # weights, hence every L-BFGS iterate from zero and the optimum, lies in the span of the training
-        # features, and the L2 penalty is the same in orthonormal coordinates of that span: the same fit, with
-        # N columns instead of D (15x fewer, for the demo video probe).
-        basis = torch.linalg.svd(x, full_matrices=False).Vh.T
-        x, xv = x @ basis, xv @ basis
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = L2, max_iter: int = 500,
+) -> nn.Linear:
+    """A multinomial logistic regression (float64) fitted from zero by full-batch L-BFGS, L2 on the weights only."""
     head = nn.Linear(x.shape[1], num_classes, dtype=torch.float64)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
@@ -92,6 +81,25 @@ def logistic_probe(
         return loss
 
     opt.step(closure)
+    return head
+
+
+def logistic_probe(
+    train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+    l2: float = L2, max_iter: int = 500,
+) -> float:
+    """Validation accuracy of :func:`fit_logistic` on standardised features (train statistics)."""
+    (x, y), (xv, yv) = train, val
+    mean, std = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)
+    x, xv = ((x - mean) / std).double(), ((xv - mean) / std).double()
+    if x.shape[1] > x.shape[0]:
+        # More features than samples (a video token map: 12288 features, 840 clips). Every gradient of the
+        # weights, hence every L-BFGS iterate from zero and the optimum, lies in the span of the training
+        # features, and the L2 penalty is the same in orthonormal coordinates of that span: the same fit, with
+        # N columns instead of D (15x fewer, for the demo video probe).
+        basis = torch.linalg.svd(x, full_matrices=False).Vh.T
+        x, xv = x @ basis, xv @ basis
+    head = fit_logistic(x, y, num_classes, l2, max_iter)
     with torch.no_grad():
         return (head(xv).argmax(dim=1) == yv).double().mean().item()
 
