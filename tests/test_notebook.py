@@ -33,7 +33,7 @@ def test_notebook_is_clean_and_parametrised():
     exec(code[0].source, {}, defaults)
     assert set(PARAMETERS) <= set(defaults)
     assert defaults["checkpoint"] == "runs/demo/checkpoints/last.ckpt" and defaults["make_demo_if_missing"] is True
-    assert defaults["mask_ratios"] == [0.75, 0.9, 0.95]
+    assert defaults["mask_ratios"] == [0.5, 0.75, 0.9]
     assert defaults["mask_types"] == ["random", "tube", "frame", "causal"]
     assert defaults["image_paths"] == [] and defaults["video_paths"] == []
     assert all(not c.outputs and c.execution_count is None for c in code), "commit the notebook without outputs"
