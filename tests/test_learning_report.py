@@ -57,7 +57,6 @@ def test_probe_separates_what_is_separable_and_not_noise():
     assert logistic_probe((noise, y), (torch.randn(80, 16, generator=g), yv), 4) < 0.5
 
 
-
 def test_probe_on_more_features_than_samples_is_the_full_width_probe():
     # A token map has more features than the demo has clips: the probe fits in their span, which must find what
     # the plain fit over every feature finds.
