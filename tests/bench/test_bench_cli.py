@@ -28,6 +28,23 @@ def test_main_reads_sys_argv_without_argv(monkeypatch, capsys):
     assert "usage: omnimae-cli bench" in capsys.readouterr().out
 
 
+def test_model_overrides_take_yaml_values_and_lists():
+    args = cli.build_parser().parse_args(["--size", "tiny", "--device", "cpu",
+                                          "--model-overrides", "depth=2, patch_size=[2, 8, 8],mlp_ratio=2.0"])
+    cli.resolve(args, torch.device("cpu"))
+    assert (args.spec.depth, args.spec.patch_size, args.spec.mlp_ratio) == (2, (2, 8, 8), 2.0)
+
+
+def test_malformed_model_override_is_a_one_line_error(capsys):
+    from omnimae_pl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--size", "tiny", "--model-overrides", "depth"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("omnimae-cli: error: --model-overrides: 'depth' is not key=value") and "\n" not in err
+
+
 def test_cpu_smoke_reports_every_field(tiny, tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = omnimae_pl.bench.main([*tiny, "--modality", "both", "--end-to-end", "--e2e-data", "synthetic",

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 from pathlib import Path
 
 import timm
 import torch
+import yaml
 
 from omnimae_pl.bench.end_to_end import bench_end_to_end
 from omnimae_pl.bench.official import bench_official
@@ -17,6 +19,7 @@ from omnimae_pl.bench.ours import bench_ours
 from omnimae_pl.bench.profile import profile_steps, report_backends
 from omnimae_pl.bench.rows import format_row, log, speedups
 from omnimae_pl.bench.step import COMPILE_MODES, compile_settings, per_sample_counts, reset_mem
+from omnimae_pl.errors import ConfigError
 from omnimae_pl.masking import PAPER_MASK_RATIO
 from omnimae_pl.models import model_size
 
@@ -39,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_options(p) -> None:
     p.add_argument("--size", default="base", help="tiny, small, base, large or huge")
-    p.add_argument("--model-overrides", default="", help="e.g. depth=2,embed_dim=64 (ModelSize fields)")
+    p.add_argument("--model-overrides", default="",
+                   help="ModelSize fields as key=value, values in YAML, e.g. depth=2,patch_size=[2,8,8]")
     p.add_argument("--decoder-head-pad", type=int, default=None, metavar="N",
                    help="decoder attention computed at head size N (zero-padded, same math), e.g. 32 or 64")
     p.add_argument("--modality", choices=("image", "video", "both"), default="both")
@@ -99,10 +103,13 @@ def _ints(text) -> list[int]:
 
 
 def _overrides(text: str) -> dict:
+    """``key=value,...`` -> {key: value}; each value is YAML, and commas inside brackets belong to it."""
     out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, _, value = item.partition("=")
-        out[key.strip()] = float(value) if "." in value else int(value)
+    for item in filter(None, (s.strip() for s in re.split(r",(?![^\[]*\])", text))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--model-overrides: {item!r} is not key=value (e.g. depth=2,patch_size=[2,8,8])")
+        out[key.strip()] = yaml.safe_load(value)
     return out
 
 
