@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         "budget, fine-tune each (and random initialisation) on the demo image and video tasks, chart the top-1.",
     )
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps of each pretraining")
-    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per task and pretraining")
+    # 2: with 1000-step fine-tunings, 3 seeds take about 65 minutes on a 2-core CPU (docs/miniature.md)
+    parser.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per task and pretraining")
     parser.add_argument("--fraction", type=float, default=0.15, help="labelled share of each fine-tuning task")
     parser.add_argument("--finetune-steps", type=int, default=None,
                         help="optimizer steps of each fine-tuning (default: finetune-check's, 1000 for each task)")
