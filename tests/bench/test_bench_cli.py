@@ -43,6 +43,9 @@ def test_malformed_model_override_is_a_one_line_error(capsys):
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("omnimae-cli: error: --model-overrides: 'depth' is not key=value") and "\n" not in err
+    with pytest.raises(SystemExit):
+        main(["bench", "--size", "tiny", "--model-overrides", "depth="])
+    assert "--model-overrides: 'depth=' is not key=value" in capsys.readouterr().err
 
 
 def test_cpu_smoke_reports_every_field(tiny, tmp_path, capsys):

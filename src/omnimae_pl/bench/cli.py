@@ -107,7 +107,7 @@ def _overrides(text: str) -> dict:
     out = {}
     for item in filter(None, (s.strip() for s in re.split(r",(?![^\[]*\])", text))):
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        if not sep or not key.strip() or not value.strip():
             raise ConfigError(f"--model-overrides: {item!r} is not key=value (e.g. depth=2,patch_size=[2,8,8])")
         out[key.strip()] = yaml.safe_load(value)
     return out
