@@ -84,11 +84,12 @@ def test_write_reconstructions_on_a_jpeg_a_webm_and_a_tensor(files, tmp_path):
         for name in e["files"].values():
             assert (tmp_path / "out" / name).stat().st_size > 0
         assert np.isfinite(e["loss"])
+        assert 0 < e["pixel_error_stitched"] and 0 < e["pixel_error_stitched_blank"]
     with Image.open(tmp_path / "out" / entries[2]["files"]["gif"]) as gif:
         assert gif.n_frames == 4
     page = (tmp_path / "out" / "index.html").read_text()
     assert all(f'src="{e["files"]["png"]}"' in page for e in entries)
-    assert "borrows the hidden patches" in page and set(data["views"]) >= {"pred_denorm", "pasted"}
+    assert "borrows the hidden patches" in page and set(data["views"]) >= {"pred_denorm", "pasted", "pred_stitched"}
     assert model.training is False
 
 

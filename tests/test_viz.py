@@ -115,6 +115,7 @@ def test_paste_keeps_visible_pixels_exact_and_masked_input_is_grey_exactly_on_ma
     assert torch.equal(views["pasted_normalized"][~hidden], views["target_normalized"][~hidden])
     assert torch.all(views["masked_input"][hidden] == MASK_GREY)
     assert torch.equal(views["masked_input"][~hidden], views["input"][~hidden])
+    torch.testing.assert_close(views["pred_stitched"][~hidden], views["input"][~hidden], atol=1e-6, rtol=0)
 
 
 def test_views_from_a_model_on_an_image_batch():

@@ -2,8 +2,9 @@
 
 For every input, mask type and mask ratio: a PNG (images: one row of views; videos: a frame strip) and, for
 videos, a GIF and an MP4 of the views side by side; ``index.json`` lists them all with each reconstruction's
-masked-patch loss, and ``index.html`` shows them in a browser. With ``--image-grid``, also one figure of all the
-image inputs per mask type and ratio (``write_image_grid``). The views are those of :mod:`omnimae_pl.viz`.
+masked-patch loss and stitched pixel errors (:func:`reconstruction_scores`), and ``index.html`` shows them in a
+browser. With ``--image-grid``, also one figure of all the image inputs per mask type and ratio
+(``write_image_grid``). The views are those of :mod:`omnimae_pl.viz`.
 
 The checkpoint is a released OmniMAE pretraining file or a Lightning checkpoint of our pretraining module.
 """
@@ -25,7 +26,8 @@ from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
 from omnimae_pl.data.image_transforms import ResizeCenterCrop
 from omnimae_pl.data.video_io import DEFAULT_CLIP_DURATION, PyAVReader
 from omnimae_pl.errors import UserError
-from omnimae_pl.models.losses import masked_mse, norm_pix_targets
+from omnimae_pl.models.losses import masked_mse, norm_pix_targets, patch_pixels
+from omnimae_pl.models.stitch import stitched_errors
 from omnimae_pl.masking import MASK_TYPES, make_mask, token_grid
 from omnimae_pl.models import OmniMAE
 from omnimae_pl.models.checkpoints import load_pretrain_model
@@ -118,6 +120,17 @@ def write_reconstructions(
     return index
 
 
+def reconstruction_scores(model: OmniMAE, x: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor) -> dict:
+    """The masked-patch loss of one reconstruction, and the hidden-pixel errors of its prediction and of a blank
+    one once stitched from the visible pixels (:mod:`omnimae_pl.models.stitch`)."""
+    mask = mask.to(x.device)
+    grid = token_grid(tuple(x.shape[1:]), model.patch_size)
+    loss = masked_mse(pred, norm_pix_targets(x, model.patch_size), mask.flatten(1))
+    stitched, blank = stitched_errors(pred, patch_pixels(x, model.patch_size), mask, grid, model.patch_size)
+    return {"loss": loss.item(), "pixel_error_stitched": stitched.mean().item(),
+            "pixel_error_stitched_blank": blank.mean().item()}
+
+
 def _reconstruct_one(
     model: OmniMAE, sample: torch.Tensor, name: str, mask_type: str, ratio: float, seed: int, fps: float, out: Path
 ) -> dict:
@@ -127,13 +140,14 @@ def _reconstruct_one(
     x = sample.unsqueeze(0)
     with torch.no_grad():
         pred = model(x, mask.to(x.device))
-        loss = masked_mse(pred, norm_pix_targets(x, model.patch_size), mask.flatten(1).to(x.device)).item()
+        scores = reconstruction_scores(model, x, mask, pred)
     views = reconstruction_views(pred, x, mask, model.patch_size)
     kind = "video" if sample.ndim == 4 else "image"
     hidden = int(mask.sum())
     title = (
         f"{name}: {hidden}/{mask.numel()} patches masked ({mask_type}, ratio {ratio:g}); "
-        f"masked-patch loss {loss:.3f}"
+        f"masked-patch loss {scores['loss']:.3f}; hidden-pixel error stitched {scores['pixel_error_stitched']:.4f} "
+        f"(blank {scores['pixel_error_stitched_blank']:.4f})"
     )
     stem = f"{name}_{mask_type}_{round(ratio * 100)}"
     files = {"png": f"{stem}.png"}
@@ -153,7 +167,7 @@ def _reconstruct_one(
         "mask_ratio": ratio,
         "num_masked": hidden,
         "num_tokens": mask.numel(),
-        "loss": loss,
+        **scores,
         "files": files,
     }
 
@@ -168,7 +182,8 @@ def write_image_grid(
 ) -> Path:
     """Every image of ``inputs`` in one figure, one row of views each, under one mask: a compact picture (the
     README's). Each image's mask is the one ``write_reconstructions`` draws for it (a generator seeded with
-    ``seed`` per input); each row is labelled with its file name and masked-patch loss. Returns ``path``."""
+    ``seed`` per input); each row is labelled with its file name and :func:`reconstruction_scores`. Returns
+    ``path``."""
     img_size, num_frames = model_layout(model)
     device = next(model.parameters()).device
     rows, labels = [], []
@@ -183,16 +198,19 @@ def write_image_grid(
             mask = make_mask(grid, mask_ratio, mask_type, torch.Generator().manual_seed(seed)).unsqueeze(0)
             with torch.no_grad():
                 pred = model(x, mask.to(device))
-                loss = masked_mse(pred, norm_pix_targets(x, model.patch_size), mask.flatten(1).to(device)).item()
+                scores = reconstruction_scores(model, x, mask, pred)
             rows.append(reconstruction_views(pred, x, mask, model.patch_size))
             name = f"{i:02d}_tensor" if isinstance(source, torch.Tensor) else Path(source).stem
-            labels.append(f"{name}, loss {loss:.3f}")
+            labels.append(
+                f"{name}, loss {scores['loss']:.3f}, stitched {scores['pixel_error_stitched']:.4f} "
+                f"(blank {scores['pixel_error_stitched_blank']:.4f})"
+            )
     finally:
         model.train(was_training)
     views = {key: torch.cat([row[key] for row in rows]) for key in VIEW_KEYS}
     title = (
         f"{len(rows)} images, {mask_type} masking, ratio {mask_ratio:g} ({int(mask.sum())}/{mask.numel()} patches "
-        "hidden); per-row masked-patch loss"
+        "hidden); per row: masked-patch loss, hidden-pixel error of the stitched prediction (of a stitched blank one)"
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +225,8 @@ def _index_html(entries: list[dict]) -> str:
         files = e["files"]
         caption = (
             f"{e['input']} ({e['kind']}): {e['num_masked']}/{e['num_tokens']} patches masked, "
-            f"{e['mask_type']} ratio {e['mask_ratio']:g}, masked-patch loss {e['loss']:.3f}"
+            f"{e['mask_type']} ratio {e['mask_ratio']:g}, masked-patch loss {e['loss']:.3f}, hidden-pixel error "
+            f"stitched {e['pixel_error_stitched']:.4f} (blank {e['pixel_error_stitched_blank']:.4f})"
         )
         images = "".join(
             f'<img src="{html.escape(files[key])}" alt="{key}">' for key in ("png", "gif") if key in files

@@ -13,6 +13,10 @@ The views keep that distinction visible:
 - ``pasted_normalized``: the raw prediction in the hidden patches beside the target in the visible ones, in the
   same space: what the model made of what it saw, with no statistics of a hidden patch (the loss ignores the
   prediction of a visible patch, so ``pred_normalized`` shows noise there).
+- ``pred_stitched``: the prediction turned into pixels with the visible patches only: each hidden patch's
+  brightness and contrast chosen so that its borders agree with its neighbours' (:mod:`omnimae_pl.models.stitch`);
+  the visible patches are the input's. A blank prediction stitched this way gives flat patches, so what shows
+  beyond that is the model's.
 - ``pred_denorm``: the prediction de-normalised with each patch's own true mean/std (borrows the hidden patches'
   statistics: an upper bound on what the model alone could show).
 - ``pasted``: the visible patches of the input (exact pixels) pasted over ``pred_denorm``.
@@ -43,13 +47,21 @@ from torch import nn
 from omnimae_pl.masking import token_grid
 from omnimae_pl.models.losses import patch_pixels, patch_stats, to_pixels
 from omnimae_pl.models.patch import PatchSize, unpatchify
+from omnimae_pl.models.stitch import stitch
 from omnimae_pl.models.tokens import flatten_mask
 
 MASK_GREY = 0.5
 NORMALIZED_DISPLAY_RANGE = 2.5
 
 VIEW_KEYS = (
-    "input", "masked_input", "pred_normalized", "pasted_normalized", "target_normalized", "pred_denorm", "pasted"
+    "input",
+    "masked_input",
+    "pred_normalized",
+    "pasted_normalized",
+    "target_normalized",
+    "pred_stitched",
+    "pred_denorm",
+    "pasted",
 )
 VIEW_TITLES = {
     "input": "input (ground truth)",
@@ -60,6 +72,10 @@ VIEW_TITLES = {
     "pasted_normalized": "raw prediction in the hidden patches, target in the visible ones (normalised space)",
     "target_normalized": (
         f"target in the same normalised space, shown as 0.5 + v/{2 * NORMALIZED_DISPLAY_RANGE:g}"
+    ),
+    "pred_stitched": (
+        "prediction stitched from the visible pixels only: each hidden patch's brightness and contrast fitted "
+        "to its neighbours' borders (a blank prediction gives flat patches)"
     ),
     "pred_denorm": (
         "prediction de-normalised with each patch's own true mean/std (borrows the hidden patches' statistics: "
@@ -74,6 +90,7 @@ VIEW_LABELS = {
     "pred_normalized": "pred (norm. space)",
     "pasted_normalized": "pred in hidden (norm.)",
     "target_normalized": "target (norm. space)",
+    "pred_stitched": "pred stitched (visible only)",
     "pred_denorm": "pred x true patch std+mean",
     "pasted": "pred + visible input",
 }
@@ -123,6 +140,7 @@ def reconstruction_views(
     inputs = to_clip(patches).clamp(0.0, 1.0)
     masked = to_clip(hidden) > 0.5
     pred_denorm = to_clip(pred * std + mean).clamp(0.0, 1.0)
+    pred_stitched = to_clip(stitch(pred, patches, flatten_mask(mask), grid, patch_size)).clamp(0.0, 1.0)
     pred_normalized, target_normalized = normalized_display(pred), normalized_display((patches - mean) / std)
     return {
         "input": inputs,
@@ -130,6 +148,7 @@ def reconstruction_views(
         "pred_normalized": pred_normalized,
         "pasted_normalized": torch.where(masked, pred_normalized, target_normalized),
         "target_normalized": target_normalized,
+        "pred_stitched": pred_stitched,
         "pred_denorm": pred_denorm,
         "pasted": torch.where(masked, pred_denorm, inputs),
     }

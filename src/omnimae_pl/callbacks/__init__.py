@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -139,14 +140,24 @@ class ReconstructionLogger(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            views = viz.reconstruction_views(pl_module.model, x, mask)
+            with torch.no_grad():
+                pred = pl_module.model(x, mask)
         finally:
             pl_module.train(was_training)
         if not trainer.is_global_zero:
             return
+        from omnimae_pl.reconstruct import reconstruction_scores
+
+        model = pl_module.model
+        views = viz.reconstruction_views(pred, x, mask, model.patch_size)
+        scores = reconstruction_scores(model, x, mask, pred)
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        title = f"step {step}, {modality}, {int(mask[0].float().mean() * 100)}% of patches masked"
+        title = (
+            f"step {step}, {modality}, {int(mask[0].float().mean() * 100)}% of patches masked; masked-patch loss "
+            f"{scores['loss']:.3f}; hidden-pixel error stitched {scores['pixel_error_stitched']:.4f} "
+            f"(blank {scores['pixel_error_stitched_blank']:.4f})"
+        )
         if modality == "image":
             fig = viz.views_grid(views, suptitle=title)
         else:
