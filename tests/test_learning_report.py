@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from omnimae_pl.callbacks.learning_report import LearningReport, learning_report
+from omnimae_pl.callbacks.learning_report import LearningReport, learning_report, stitched_report
 from omnimae_pl.errors import ConfigError
 from omnimae_pl.frozen_probe import fit_logistic, logistic_probe, random_encoder, report, token_features
 from omnimae_pl.models import omnimae_pretrain
@@ -39,6 +39,19 @@ def test_each_target_can_fail(change):
 
 def test_nothing_validated_is_no_pass():
     assert learning_report({}, 0.9) == ([learning_report({}, 0.9)[0][0]], False)
+
+
+STITCHED = {"val/pixel_error_image_stitched": 0.021, "val/pixel_error_image_stitched_blank": 0.034,
+            "val/pixel_error_video_stitched": 0.016, "val/pixel_error_video_stitched_blank": 0.028}
+
+
+def test_stitched_report_passes_a_prediction_that_carries_the_picture_and_fails_one_that_does_not():
+    lines, passed = stitched_report({**PASSING, **STITCHED}, 0.9)
+    assert passed and len(lines) == 3
+    assert lines[1].split()[:4] == ["image", "0.0210", "0.0340", "0.618"] and lines[1].endswith("pass")
+    lines, passed = stitched_report(dict(STITCHED, **{"val/pixel_error_video_stitched": 0.027}), 0.9)
+    assert not passed and lines[2].endswith("FAIL")
+    assert stitched_report(PASSING, 0.9) == ([], False)  # not logged: no table
 
 
 def test_bad_ratio_is_a_config_error():

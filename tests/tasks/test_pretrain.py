@@ -5,7 +5,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from omnimae_pl.data.sample import collate_samples, make_sample
-from omnimae_pl.models.losses import norm_pix_targets
+from omnimae_pl.masking import token_grid
+from omnimae_pl.models.losses import norm_pix_targets, patch_pixels
+from omnimae_pl.models.stitch import stitched_errors
 from omnimae_pl.masking import MaskingConfig
 from omnimae_pl.tasks.pretrain import OmniMAEPretrain
 
@@ -40,6 +42,28 @@ def test_validation_logs_the_mean_prediction_baseline():
         torch.testing.assert_close(logged[f"val/loss_{modality}_baseline"], expected)
         # the untrained decoder's loss is its own, not the baseline's
         assert abs(logged[f"val/loss_{modality}"] - expected) > 1e-3
+
+
+def test_validation_logs_the_stitched_pixel_errors_of_readable_samples_when_asked():
+    torch.manual_seed(0)
+    batches = [_batch("image"), _batch("video")]
+    logged = {}
+    for stitched_error in (False, True):
+        module = OmniMAEPretrain(size="tiny", model_overrides={"depth": 1}, img_size=32, num_frames=4,
+                                 patch_size=PATCH, linear_probe=False, stitched_error=stitched_error)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False)
+        trainer.validate(module, DataLoader(batches, batch_size=None))
+        logged[stitched_error] = trainer.callback_metrics
+    assert not any(k.startswith("val/pixel_error_") for k in logged[False])
+    module.eval()
+    for batch in batches:
+        modality, x, mask, valid = batch["modality"], batch["input"], batch["mask"], batch["valid"]
+        with torch.no_grad():
+            pred = module.model(x, mask)
+        errors = stitched_errors(pred, patch_pixels(x, PATCH), mask, token_grid(x.shape[1:], PATCH), PATCH)
+        for name, error in zip(("stitched", "stitched_blank"), errors):
+            torch.testing.assert_close(logged[True][f"val/pixel_error_{modality}_{name}"], error[valid].mean())
 
 
 def test_placeholders_do_not_count_in_the_validation_loss():

@@ -1,7 +1,9 @@
 """Did the pretraining learn? At the end of ``fit``, the last validation's loss of each modality against what
 predicting every hidden patch's mean scores (``_baseline``) and, for video, what copying each hidden patch from
-the nearest visible time step scores (``_copy_nearest``), with a pass / fail per modality; on the demo data, also
-the frozen linear probe of the trained encoder against random ones (:mod:`omnimae_pl.frozen_probe`)."""
+the nearest visible time step scores (``_copy_nearest``), with a pass / fail per modality; where the run logs
+them (``stitched_error``), whether the raw prediction carries the picture: its hidden-pixel error once stitched
+from the visible pixels only, against a blank prediction's (:mod:`omnimae_pl.models.stitch`); on the demo data,
+also the frozen linear probe of the trained encoder against random ones (:mod:`omnimae_pl.frozen_probe`)."""
 
 from __future__ import annotations
 
@@ -34,12 +36,33 @@ def learning_report(metrics: dict[str, float], max_ratio: float) -> tuple[list[s
     return lines, passed and bool(modalities)
 
 
+def stitched_report(metrics: dict[str, float], max_ratio: float) -> tuple[list[str], bool]:
+    """Table lines for every modality with ``val/pixel_error_<modality>_stitched`` and its ``_blank`` reference in
+    ``metrics`` (none: no lines), and whether all pass: stitched error <= ``max_ratio`` x the blank one."""
+    prefix, suffix = f"{STAGE}/pixel_error_", "_stitched_blank"
+    modalities = sorted(k[len(prefix) : -len(suffix)] for k in metrics if k.startswith(prefix) and k.endswith(suffix))
+    lines = [f"  {'modality':<9}{'stitched':>10}{'blank':>10}{'ratio':>7}  target"] if modalities else []
+    passed = True
+    for modality in modalities:
+        stitched, blank = metrics.get(f"{prefix}{modality}_stitched"), metrics[f"{prefix}{modality}{suffix}"]
+        if stitched is None:
+            continue
+        ratio = stitched / blank if blank > 0 else float("inf")
+        ok = ratio <= max_ratio
+        passed &= ok
+        lines.append(f"  {modality:<9}{stitched:>10.4f}{blank:>10.4f}{ratio:>7.3f}  ratio <= {max_ratio:g}: "
+                     f"{'pass' if ok else 'FAIL'}")
+    return lines, passed and bool(modalities)
+
+
 class LearningReport(Callback):
     """Prints :func:`learning_report` of the last validation once training ends (rank 0), saying at which step
-    that validation ran; nothing when the run never validated.
+    that validation ran, then :func:`stitched_report` where the run logged the stitched errors; nothing when the
+    run never validated.
 
     Args:
-        max_ratio: the largest ``loss / baseline`` that passes (0.9: the loss is at least 10 % below the mean).
+        max_ratio: the largest ``loss / baseline`` (and stitched / blank pixel error) that passes (0.9: at least
+            10 % below the reference).
         probe_data_root: the demo corpus (``omnimae-cli demo-data --root``): then the frozen linear probe runs
             too, on one process (under several it prints the ``omnimae-cli frozen-probe`` command instead).
     """
@@ -55,7 +78,11 @@ class LearningReport(Callback):
         if trainer.sanity_checking:
             return
         self._step = trainer.global_step
-        self._metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{STAGE}/loss_")}
+        self._metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith((f"{STAGE}/loss_", f"{STAGE}/pixel_error_"))
+        }
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -65,6 +92,13 @@ class LearningReport(Callback):
         when = f"step {self._step} of {trainer.global_step}"
         verdict = "it learnt on every modality" if passed else "it did NOT learn on every modality"
         print("\n".join(["", f"Learning check (validation at {when}, fixed masks): {verdict}", *lines]), flush=True)
+        lines, passed = stitched_report(self._metrics, self.max_ratio)
+        if lines:
+            verdict = "it carries the picture" if passed else "it does NOT carry the picture on every modality"
+            print("\n".join([
+                "Raw prediction stitched from the visible pixels only (hidden-pixel error against a stitched blank "
+                f"prediction): {verdict}", *lines,
+            ]), flush=True)
         if self.probe_data_root is None:
             return
         if trainer.world_size > 1:  # the encoder is sharded or replicated: probe the saved checkpoint instead
