@@ -26,7 +26,7 @@ from omnimae_pl.constants import IMAGENET_MEAN, IMAGENET_STD
 from omnimae_pl.data.image_transforms import ResizeCenterCrop
 from omnimae_pl.data.video_io import DEFAULT_CLIP_DURATION, PyAVReader
 from omnimae_pl.errors import UserError
-from omnimae_pl.models.losses import masked_mse, norm_pix_targets, patch_pixels
+from omnimae_pl.models.losses import patch_pixels
 from omnimae_pl.models.stitch import stitched_errors
 from omnimae_pl.masking import MASK_TYPES, make_mask, token_grid
 from omnimae_pl.models import OmniMAE
@@ -125,7 +125,7 @@ def reconstruction_scores(model: OmniMAE, x: torch.Tensor, mask: torch.Tensor, p
     one once stitched from the visible pixels (:mod:`omnimae_pl.models.stitch`)."""
     mask = mask.to(x.device)
     grid = token_grid(tuple(x.shape[1:]), model.patch_size)
-    loss = masked_mse(pred, norm_pix_targets(x, model.patch_size), mask.flatten(1))
+    loss = model.forward_loss(x, pred, mask)
     stitched, blank = stitched_errors(pred, patch_pixels(x, model.patch_size), mask, grid, model.patch_size)
     return {"loss": loss.item(), "pixel_error_stitched": stitched.mean().item(),
             "pixel_error_stitched_blank": blank.mean().item()}

@@ -132,7 +132,8 @@ def reconstruction_views(
     patches = patch_pixels(x, patch_size)
     mean, std = patch_stats(patches)
     pred = pred.reshape(patches.shape)
-    hidden = flatten_mask(mask).to(x.device)[:, :, None, None].expand(patches.shape).float()
+    hidden_tokens = flatten_mask(mask).to(x.device)
+    hidden = hidden_tokens[:, :, None, None].expand(patches.shape).float()
 
     def normalized_display(tokens: torch.Tensor) -> torch.Tensor:
         return (0.5 + to_clip(tokens) / (2 * NORMALIZED_DISPLAY_RANGE)).clamp(0.0, 1.0)
@@ -140,7 +141,7 @@ def reconstruction_views(
     inputs = to_clip(patches).clamp(0.0, 1.0)
     masked = to_clip(hidden) > 0.5
     pred_denorm = to_clip(pred * std + mean).clamp(0.0, 1.0)
-    pred_stitched = to_clip(stitch(pred, patches, flatten_mask(mask), grid, patch_size)).clamp(0.0, 1.0)
+    pred_stitched = to_clip(stitch(pred, patches, hidden_tokens, grid, patch_size)).clamp(0.0, 1.0)
     pred_normalized, target_normalized = normalized_display(pred), normalized_display((patches - mean) / std)
     return {
         "input": inputs,

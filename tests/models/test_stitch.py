@@ -77,6 +77,8 @@ def test_never_reads_a_hidden_pixel_and_keeps_the_visible_ones():
     other = torch.where(hidden[:, :, None, None], torch.rand_like(pixels), pixels)
     out = stitch(pred, pixels, hidden, grid, patch)
     torch.testing.assert_close(out, stitch(pred, other, hidden, grid, patch))
+    unknown = pixels.masked_fill(hidden[:, :, None, None], float("nan"))  # not even multiplied by zero
+    torch.testing.assert_close(out, stitch(pred, unknown, hidden, grid, patch))
     assert torch.equal(out[~hidden], pixels[~hidden])
 
 

@@ -66,9 +66,10 @@ def stitch(
     """
     b, n, _, c = pixels.shape
     pred, pixels = pred.float(), pixels.float()
-    hid = hidden.reshape(b, n).to(pixels.device, pixels.dtype)  # 1 = hidden
+    is_hidden = hidden.reshape(b, n).to(pixels.device).bool()
+    hid = is_hidden.to(pixels.dtype)  # 1 = hidden
     vis = 1.0 - hid
-    known = pixels * vis[:, :, None, None]  # the hidden pixels are never read
+    known = pixels.masked_fill(is_hidden[:, :, None, None], 0.0)  # from here on, no hidden pixel is read
     tokens, voxels = (t.to(pixels.device) for t in border_pairs(tuple(grid), tuple(patch_size)))
     ta, tb = tokens[:, 0], tokens[:, 1]
     va, vb = voxels[:, 0], voxels[:, 1]
@@ -92,15 +93,15 @@ def stitch(
 
     # The weak pull towards the visible patches' mean contrast and brightness.
     count = vis.sum(dim=1).clamp(min=1.0)[:, None]  # (B, 1)
-    contrast = (pixels.std(dim=2) * vis[..., None]).sum(dim=1) / count  # (B, C)
-    brightness = (pixels.mean(dim=2) * vis[..., None]).sum(dim=1) / count
+    contrast = (known.std(dim=2) * vis[..., None]).sum(dim=1) / count  # (B, C)
+    brightness = (known.mean(dim=2) * vis[..., None]).sum(dim=1) / count
     prior = torch.cat([contrast[..., None].expand(b, c, n), brightness[..., None].expand(b, c, n)], dim=-1)
     normal = normal.view(b * c, 2 * n, 2 * n) + ridge * torch.eye(2 * n, device=pixels.device)
     moment = moment + ridge * prior.reshape(b * c, 2 * n)
     solution = torch.linalg.solve(normal, moment).view(b, c, 2, n)
     s, m = solution[:, :, 0].transpose(1, 2), solution[:, :, 1].transpose(1, 2)  # (B, N, C)
     stitched = pred * s[:, :, None] + m[:, :, None]
-    return torch.where(hid[:, :, None, None].bool(), stitched, pixels)
+    return torch.where(is_hidden[:, :, None, None], stitched, pixels)
 
 
 def hidden_pixel_error(estimate: torch.Tensor, pixels: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
