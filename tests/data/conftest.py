@@ -8,35 +8,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from image_helpers import photo
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
 BAD_FILES = ("empty.JPEG", "truncated.JPEG", "text.JPEG")
 
 
-def _photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A smooth random image (compresses like a photo, unlike noise)."""
-    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
-
-
 def write_class_folder(folder: Path, rng: np.random.Generator, count: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        _photo(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90))).save(folder / f"img_{i}.JPEG", quality=90)
+        photo(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90))).save(folder / f"img_{i}.JPEG", quality=90)
 
 
 def write_odd_images(folder: Path, rng: np.random.Generator) -> None:
     """Readable images in other colour modes or formats, all with a .JPEG name."""
-    _photo(rng, 60, 50).convert("CMYK").save(folder / "cmyk.JPEG", quality=90)
-    _photo(rng, 50, 60).convert("L").save(folder / "grey.JPEG", quality=90)
-    _photo(rng, 48, 48).save(folder / "png_inside.JPEG", format="PNG")
+    photo(rng, 60, 50).convert("CMYK").save(folder / "cmyk.JPEG", quality=90)
+    photo(rng, 50, 60).convert("L").save(folder / "grey.JPEG", quality=90)
+    photo(rng, 48, 48).save(folder / "png_inside.JPEG", format="PNG")
 
 
 def write_bad_images(folder: Path, rng: np.random.Generator) -> None:
     (folder / "empty.JPEG").write_bytes(b"")
     buffer = io.BytesIO()
-    _photo(rng, 64, 64).save(buffer, format="JPEG", quality=90)
+    photo(rng, 64, 64).save(buffer, format="JPEG", quality=90)
     (folder / "truncated.JPEG").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     (folder / "text.JPEG").write_text("not an image")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import run_config
-from conftest import _photo
+from image_helpers import photo
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import Callback
 from PIL import Image
@@ -60,7 +60,7 @@ def names(dataset, rows):
 def bad_huffman_jpeg(path: Path, rng) -> None:
     """A JPEG whose header PIL reads (size, mode, end marker all fine) but whose Huffman table no decoder takes."""
     buffer = io.BytesIO()
-    _photo(rng, 64, 48).save(buffer, format="JPEG", quality=90)
+    photo(rng, 64, 48).save(buffer, format="JPEG", quality=90)
     data = bytearray(buffer.getvalue())
     table = data.index(b"\xff\xc4")
     data[table + 5 : table + 21] = b"\xff\x00" * 8
@@ -192,7 +192,7 @@ def test_a_fit_with_device_decoding_has_finite_losses_and_logs_its_counts(demo_r
     shutil.copytree(demo_root, data)
     rng = np.random.default_rng(0)
     for folder in (data / "imagenet" / "train").iterdir():
-        _photo(rng, 60, 50).convert("CMYK").save(folder / "cmyk.JPEG", quality=90)
+        photo(rng, 60, 50).convert("CMYK").save(folder / "cmyk.JPEG", quality=90)
         bad_huffman_jpeg(folder / "bad_table.JPEG", rng)
     cfg = run_config(data, tmp_path, max_steps=6, limit_val_batches=0, val_check_interval=None, callbacks=[],
                      enable_checkpointing=False,
