@@ -80,3 +80,11 @@ def test_end_to_end_fraction_is_against_model_only_at_the_same_mix(gpu_check):
     row, fraction = gpu_check.e2e_fraction({"rows": rows})
     # model-only: 900 / 1000 + 100 / 100 = 1.9 s for 1000 samples; end to end: 4 s
     assert row is rows[-1] and fraction == pytest.approx(1.9 / 4.0)
+
+
+def test_a_section_that_cannot_finish_is_left_for_a_rerun(gpu_check):
+    # on a GPU a section needs half its cap (c: 135 of 270 s), so that the budget is not spent on a timeout
+    assert gpu_check.too_little_left("c", 120, smoke=False) and not gpu_check.too_little_left("c", 140, smoke=False)
+    assert gpu_check.too_little_left("a", 29, smoke=False) and not gpu_check.too_little_left("a", 45, smoke=False)
+    assert not gpu_check.too_little_left("c", 31, smoke=True)  # the smoke times nothing: 30 s will do
+    assert sorted(gpu_check.RUN_ORDER) == sorted(gpu_check.CAPS) == list("abcdef")
