@@ -513,8 +513,9 @@ def section_d(s: Section) -> None:
             s.goal(f"end to end ({augment}) >= {E2E_GOAL:.0%} of model-only", "not measured", False, speed=True)
             continue
         row, fraction = got
+        host = ", ".join(f"{k} {v:.1f}" for k, v in row.get("host_ms_per_step", {}).items())
         s.line(f"- augment_on {augment}: {row['samples_per_s']:.1f} samples/s end to end ({row['samples']}), "
-               f"{_pct(row['mfu'])} MFU; {fraction:.1%} of model-only at that mix")
+               f"{_pct(row['mfu'])} MFU; {fraction:.1%} of model-only at that mix; host ms per step: {host}")
         s.goal(f"end to end ({augment}) >= {E2E_GOAL:.0%} of model-only", f"{fraction:.1%}", fraction >= E2E_GOAL,
                speed=True)
     judge(s)

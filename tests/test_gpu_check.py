@@ -50,7 +50,7 @@ def test_smoke_report_has_every_section_ran_or_skipped_with_a_reason(tmp_path):
     # the figures each section exists for
     assert "| c_base (end to end) |" in report and "| c_base_pad64 | video |" in report
     assert "compile-mode reduce-overhead" in report and "--decoder-head-pad 64" in report
-    assert "augment_on worker:" in report and "of model-only at that mix" in report
+    assert "augment_on worker:" in report and "of model-only at that mix; host ms per step: data_wait" in report
     # section d's JPEGs decoded on the device: the bench ran with the option (its log says so) and gave its row
     assert "augment_on device, image_decode device:" in report
     assert "augment_on device, image_decode device" in (tmp_path / "w" / "logs" / "d_base_jpeg.log").read_text()

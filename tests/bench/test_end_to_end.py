@@ -22,6 +22,11 @@ def test_project_pipeline_without_a_trainer(tiny, demo_root):
     assert e2e["data"].startswith(f"project pipeline: demo corpus at {demo_root}")
     assert sum(e2e["samples"].values()) == 2 and e2e["samples_per_s"] > 0  # one timed step of batch 2
     assert e2e["batch"] == {"image": 2, "video": 2}
+    # the host's time per step, split where it goes (what tells a loader-bound run from a device-bound one)
+    host = e2e["host_ms_per_step"]
+    assert list(host) == ["data_wait", "to_device", "step", "final_sync"] and min(host.values()) >= 0
+    assert sum(host.values()) == pytest.approx(e2e["step_ms"], rel=0.01)
+    assert host["step"] > 0  # a CPU step is synchronous: its compute is host time
 
 
 def test_loader_masks_follow_the_mask_ratio_options(tiny, demo_root):

@@ -32,20 +32,25 @@ def bench_end_to_end(args, device, precision, peak, ours, flops) -> list[dict]:
     stream, how, after_transfer = make_stream(args, batches, device)
     log(f"  end-to-end data: {how}")
     step = train_step_fn(ours.loss_fn.fastest, ours.opt, device, precision)
-    on_device = (_to_device(batch, device, after_transfer) for batch in stream)
-    _warm_up(step, on_device, ours.loss_fn.n_visible, args)
+    to_device = functools.partial(_to_device, device=device, after_transfer=after_transfer)
+    _warm_up(step, stream, to_device, ours.loss_fn.n_visible, args)
     sync(device)
     reset_mem(device)
     n = args.steps * args.repeats
-    sec, counts, flops_total, loss_sum = _timed(step, on_device, n, flops, args, device)
+    sec, counts, flops_total, loss_sum, host = _timed(step, stream, to_device, n, flops, args, device)
     samples = sum(counts.values())
     compiled = compile_label(args) if ours.loss_fn.compiled else False
     r = row("ours-e2e", "+".join(m for m, c in counts.items() if c), batches, precision, compiled,
             args.grad_ckpt != "none", sec / n, flops_total / samples, peak, peak_mem(device), float(loss_sum) / n,
             None, samples_per_step=samples / n)
-    r.update(samples=counts, data=how)
+    r.update(samples=counts, data=how, host_ms_per_step={k: v / n * 1e3 for k, v in host.items()})
     log(format_row(r))
+    log(f"  host per step: {format_host(r['host_ms_per_step'])}")
     return [r]
+
+
+def format_host(host_ms: dict[str, float]) -> str:
+    return ", ".join(f"{HOST_PARTS[k]} {v:.1f} ms" for k, v in host_ms.items())
 
 
 def _to_device(batch: dict, device, after_transfer) -> tuple[str, torch.Tensor, torch.Tensor, int]:
@@ -56,28 +61,49 @@ def _to_device(batch: dict, device, after_transfer) -> tuple[str, torch.Tensor, 
     return batch["modality"], batch["input"], batch["mask"], batch["num_visible"]
 
 
-def _warm_up(step, stream, n_visible: dict[str, int], args) -> None:
+def _warm_up(step, stream, to_device, n_visible: dict[str, int], args) -> None:
     """Untimed steps, which also check that the loader's masks leave the count visible that the step assumes."""
     for _ in range(args.warmup + 2):
-        m, x, mask, visible = next(stream)
+        m, x, mask, visible = to_device(next(stream))
         if visible != n_visible[m]:
             raise ValueError(f"{m} masks leave {visible} tokens visible; the benchmark assumes {n_visible[m]}")
         step(x, mask, default_ckpt(args.grad_ckpt, m))
 
 
-def _timed(step, stream, n: int, flops, args, device) -> tuple[float, dict[str, int], float, torch.Tensor]:
-    """(seconds, samples per modality, FLOPs, summed loss on the device) of ``n`` steps, loading included."""
+def _timed(step, stream, to_device, n: int, flops, args, device):
+    """(seconds, samples per modality, FLOPs, summed loss on the device, host seconds per part of
+    ``HOST_PARTS``) of ``n`` steps, loading included."""
     counts = {"image": 0, "video": 0}
     flops_total = 0.0
     loss_sum = torch.zeros((), device=device)
-    t0 = time.perf_counter()
+    host = dict.fromkeys(HOST_PARTS, 0.0)
+    t0 = clock = time.perf_counter()
     for _ in range(n):
-        m, x, mask, _ = next(stream)
+        batch = next(stream)
+        clock = _lap(host, "data_wait", clock)
+        m, x, mask, _ = to_device(batch)
+        clock = _lap(host, "to_device", clock)
         loss_sum += step(x, mask, default_ckpt(args.grad_ckpt, m))
+        clock = _lap(host, "step", clock)
         counts[m] += x.shape[0]
         flops_total += x.shape[0] * flops[m]
     sync(device)
-    return time.perf_counter() - t0, counts, flops_total, loss_sum
+    _lap(host, "final_sync", clock)
+    return time.perf_counter() - t0, counts, flops_total, loss_sum, host
+
+
+# Where the host's time goes in the timed steps, to tell which one limits an end-to-end rate: waiting for the
+# loaders; copies and the datamodule's device-side work (its kernel launches, or a sync inside); the step (its
+# launches, and waiting on the device once the launch queue is full: a device-bound run spends its time here
+# and in the final sync).
+HOST_PARTS = {"data_wait": "waiting for data", "to_device": "to device + on_after_batch_transfer",
+              "step": "step", "final_sync": "final sync"}
+
+
+def _lap(host: dict[str, float], part: str, since: float) -> float:
+    now = time.perf_counter()
+    host[part] += now - since
+    return now
 
 
 def _project_stream(args, batches, device):
