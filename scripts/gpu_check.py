@@ -513,7 +513,7 @@ def section_d(s: Section) -> None:
             s.goal(f"end to end ({augment}) >= {E2E_GOAL:.0%} of model-only", "not measured", False, speed=True)
             continue
         row, fraction = got
-        host = ", ".join(f"{k} {v:.1f}" for k, v in row.get("host_ms_per_step", {}).items())
+        host = ", ".join(f"{k} {v:.1f}" for k, v in row["host_ms_per_step"].items())
         s.line(f"- augment_on {augment}: {row['samples_per_s']:.1f} samples/s end to end ({row['samples']}), "
                f"{_pct(row['mfu'])} MFU; {fraction:.1%} of model-only at that mix; host ms per step: {host}")
         s.goal(f"end to end ({augment}) >= {E2E_GOAL:.0%} of model-only", f"{fraction:.1%}", fraction >= E2E_GOAL,
@@ -621,7 +621,7 @@ def run_sections(ctx: dict, keys: str, budget: float) -> dict[str, dict]:
 def too_little_left(key: str, left: float, smoke: bool) -> bool:
     """Whether a section should be skipped (and named for a rerun) rather than started with ``left`` seconds: on
     a GPU under half its cap, where it would spend the rest of the budget on a timeout; 30 s in the smoke."""
-    return left < (30 if smoke else max(30, CAPS[key][0] / 2))
+    return left < (30 if smoke else CAPS[key][0] / 2)
 
 
 def _finish(ctx: dict, key: str, proc: subprocess.Popen, t0: float, timeout: float) -> dict:

@@ -24,6 +24,13 @@ from omnimae_pl.masking import MaskingConfig
 # The released mix: 626 image steps to 82 video steps per epoch (IN1K : SSv2 / 4 replicas).
 RELEASED_MIX = {"image": 626.0, "video": 82.0}
 
+# Where the host's time goes in the timed steps, to tell which one limits an end-to-end rate: waiting for the
+# loaders; copies and the datamodule's device-side work (its kernel launches, or a sync inside); the step (its
+# launches, and waiting on the device once the launch queue is full: a device-bound run spends its time here
+# and in the final sync).
+HOST_PARTS = {"data_wait": "waiting for data", "to_device": "to device + on_after_batch_transfer",
+              "step": "step", "final_sync": "final sync"}
+
 
 def bench_end_to_end(args, device, precision, peak, ours, flops) -> list[dict]:
     """One row: ``--steps x --repeats`` steps after ``--warmup + 2``, of the modalities the loaders yield."""
@@ -45,12 +52,8 @@ def bench_end_to_end(args, device, precision, peak, ours, flops) -> list[dict]:
             None, samples_per_step=samples / n)
     r.update(samples=counts, data=how, host_ms_per_step={k: v / n * 1e3 for k, v in host.items()})
     log(format_row(r))
-    log(f"  host per step: {format_host(r['host_ms_per_step'])}")
+    log("  host per step: " + ", ".join(f"{HOST_PARTS[k]} {v:.1f} ms" for k, v in r["host_ms_per_step"].items()))
     return [r]
-
-
-def format_host(host_ms: dict[str, float]) -> str:
-    return ", ".join(f"{HOST_PARTS[k]} {v:.1f} ms" for k, v in host_ms.items())
 
 
 def _to_device(batch: dict, device, after_transfer) -> tuple[str, torch.Tensor, torch.Tensor, int]:
@@ -90,14 +93,6 @@ def _timed(step, stream, to_device, n: int, flops, args, device):
     sync(device)
     _lap(host, "final_sync", clock)
     return time.perf_counter() - t0, counts, flops_total, loss_sum, host
-
-
-# Where the host's time goes in the timed steps, to tell which one limits an end-to-end rate: waiting for the
-# loaders; copies and the datamodule's device-side work (its kernel launches, or a sync inside); the step (its
-# launches, and waiting on the device once the launch queue is full: a device-bound run spends its time here
-# and in the final sync).
-HOST_PARTS = {"data_wait": "waiting for data", "to_device": "to device + on_after_batch_transfer",
-              "step": "step", "final_sync": "final sync"}
 
 
 def _lap(host: dict[str, float], part: str, since: float) -> float:
